@@ -1,0 +1,100 @@
+"""ClassifierModule: cross-entropy training of any architecture, with torchmetrics accuracy (overall
+and per class) and a confusion matrix for val and test. It knows nothing about datasets: class names
+and input shape arrive as arguments and are saved in the checkpoint, so a checkpoint is usable alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: Sequence[str],
+        input_shape: Sequence[int],
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+        config: dict | None = None,
+    ) -> None:
+        """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
+        `config` is the composed run config, kept in the checkpoint so evaluate/predict can rebuild the run."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        n = len(class_names)
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_metrics = MetricCollection(
+            {"acc": MulticlassAccuracy(n, average="micro"), "acc_per_class": MulticlassAccuracy(n, average="none")}
+        )
+        self.test_metrics = self.val_metrics.clone()
+        self.val_confmat = MulticlassConfusionMatrix(n)
+        self.test_confmat = MulticlassConfusionMatrix(n)
+        self.test_results: dict[str, Any] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        metrics, confmat = (self.val_metrics, self.val_confmat) if stage == "val" else (self.test_metrics, self.test_confmat)
+        metrics.update(logits, y)
+        confmat.update(logits, y)
+        self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
+        """compute() syncs across DDP processes, so every image is counted exactly once."""
+        metrics, confmat = (self.val_metrics, self.val_confmat) if stage == "val" else (self.test_metrics, self.test_confmat)
+        values = metrics.compute()
+        self.log(f"{stage}/acc", values["acc"], prog_bar=True)
+        per_class = dict(zip(self.hparams.class_names, values["acc_per_class"].tolist()))
+        results = {"acc_per_class": per_class, "confusion_matrix": confmat.compute().tolist()}
+        metrics.reset()
+        confmat.reset()
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._eval_epoch_end("test")
+        for name, acc in self.test_results["acc_per_class"].items():
+            self.log(f"test/acc_{name}", acc)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer is None:
+            raise ValueError("ClassifierModule needs an optimizer to train (config group optimizer=...)")
+        optimizer = self.optimizer(params=self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        scheduler = self.scheduler(optimizer=optimizer)
+        interval = "step" if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) else "epoch"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -1,0 +1,86 @@
+"""Checks a composed config before anything runs: every value handed to a `_target_` must match the type
+hint of the parameter it fills, so `trainer.max_epochs=abc` fails at start naming the key, not an hour in.
+(Hydra's struct mode already rejects unknown keys and group choices.)"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Union
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+_SIMPLE = (bool, int, float, str)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """True unless `value` clearly cannot be `hint`. Only simple types and sequences are judged."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if value is None:
+        return False
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if isinstance(hint, type) and hint not in _SIMPLE:
+        return not isinstance(value, _SIMPLE) or not issubclass(hint, (int, float, str, bool))
+    return True
+
+
+def _check_node(node: DictConfig, path: str) -> None:
+    if node._is_none() or node._is_missing():
+        return
+    target = node.get("_target_")
+    if target is not None:
+        try:
+            obj = get_object(target)
+        except Exception as e:  # noqa: BLE001 - reported as a config error
+            raise ConfigError(f"{path}._target_: cannot import {target!r} ({e})") from e
+        fn = obj.__init__ if inspect.isclass(obj) else obj
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+            hints = {}
+        params = inspect.signature(obj).parameters
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for key in node:
+            if str(key).startswith("_"):
+                continue
+            if key not in params and not takes_kwargs:
+                raise ConfigError(f"{path}.{key}: {target} has no parameter {key!r}")
+            value = OmegaConf.to_container(node[key], resolve=True) if OmegaConf.is_config(node[key]) else node[key]
+            if key in hints and not _accepts(hints[key], value):
+                raise ConfigError(f"{path}.{key}={value!r} has the wrong type: expected {_name(hints[key])}")
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (path == "" and key == "hydra"):
+            _check_node(child, f"{path}.{key}" if path else str(key))
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value whose type cannot fit its `_target_` parameter."""
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise ConfigError(f"seed={cfg.get('seed')!r} has the wrong type: expected int")
+    _check_node(cfg, "")

@@ -1,0 +1,40 @@
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from src.models.mlp import MLP
+
+
+class CNN2(nn.Module):
+    """Unpadded 3x3 conv + ReLU + 2x2 max-pool blocks (10 and 20 channels), then fully connected layers.
+
+    With `hidden=[]` the features go straight to the classes (the first Fashion-MNIST seed); `hidden=[50]`
+    with `dropout=0.4` gives the second seed. The flatten size follows from `input_shape`.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (10, 20),
+        hidden: Sequence[int] = (),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = input_shape[0]
+        for out_channels in channels:
+            layers += [nn.Conv2d(in_channels, out_channels, 3), nn.ReLU(), nn.MaxPool2d(2)]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers)
+        try:
+            with torch.no_grad():
+                feature_shape = self.features(torch.zeros(1, *input_shape)).shape[1:]
+        except RuntimeError as e:
+            raise ValueError(f"images of shape {tuple(input_shape)} are too small for {len(channels)} unpadded "
+                             "conv+pool blocks; resize them (dataset.size=[28,28]) or pick another model") from e
+        self.classifier = MLP(feature_shape, num_classes, hidden=hidden, dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,37 @@
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class CNN3(nn.Module):
+    """The CIFAR-10 seed's CNN: three padded 3x3 conv + 2x2 max-pool blocks (16-32-64 channels), then
+    dropout, a 500-unit hidden layer, dropout and the output layer."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (16, 32, 64),
+        hidden: int = 500,
+        dropout: float = 0.25,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = input_shape[0]
+        for out_channels in channels:
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            in_channels = out_channels
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, *input_shape)).shape[1]
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(flat, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,90 @@
+"""Entry point: compose the config, fit, test the best checkpoint, report.
+
+    python -m src.train dataset=cifar10 model=cnn3 optimizer=sgd optimizer.lr=0.01
+    python -m src.train --help        # config groups and their choices
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.classifier import ClassifierModule
+from src.config import ConfigError, validate
+from src.data import DataError
+from src.reports import MetricsReport, format_table
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float:
+    """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers)."""
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # the model's shape and classes come from the data
+    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    mean, std = datamodule.normalization()
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config.pop("hydra", None)
+    module = ClassifierModule(
+        net,
+        class_names=datamodule.class_names,
+        input_shape=datamodule.input_shape,
+        mean=mean,
+        std=std,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        label_smoothing=cfg.label_smoothing,
+        config=run_config,
+    )
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.validate(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+
+    report = next((c for c in callbacks if isinstance(c, MetricsReport)), None)
+    metrics = report.metrics if report else {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        print(format_table(metrics))
+        print(f"run directory: {cfg.paths.output_dir}")
+    if cfg.optimized_metric not in metrics:
+        raise ConfigError(
+            f"optimized_metric={cfg.optimized_metric!r} was not logged; choose one of "
+            f"{sorted(k for k, v in metrics.items() if isinstance(v, float))}"
+        )
+    return metrics[cfg.optimized_metric]
+
+
+def one_line(error: Exception) -> str:
+    """The useful last line of an error, also when a DataLoader worker or Hydra wrapped it."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    for prefix in ("DataError: ", "ConfigError: ", "ValueError: "):
+        text = text.split(prefix, 1)[-1]
+    return text
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except (ConfigError, DataError, InstantiationException) as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this run as failed and goes on
+        log.error(one_line(e))
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
