@@ -40,8 +40,8 @@ def _accepts(hint: Any, value: Any) -> bool:
         return isinstance(value, hint)
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
         return isinstance(value, (list, tuple, ListConfig))
-    if isinstance(hint, type) and hint not in _SIMPLE:
-        return not isinstance(value, _SIMPLE) or not issubclass(hint, (int, float, str, bool))
+    if isinstance(hint, type):  # a class such as Tensor: no plain value from the command line is one
+        return not isinstance(value, _SIMPLE) or issubclass(hint, _SIMPLE)
     return True
 
 
@@ -54,13 +54,7 @@ def _check_node(node: DictConfig, path: str) -> None:
             obj = get_object(target)
         except Exception as e:  # noqa: BLE001 - reported as a config error
             raise ConfigError(f"{path}._target_: cannot import {target!r} ({e})") from e
-        fn = obj.__init__ if inspect.isclass(obj) else obj
-        try:
-            hints = typing.get_type_hints(fn)
-        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
-            hints = {}
-        params = inspect.signature(obj).parameters
-        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        params, hints, takes_kwargs = _parameters(obj)
         for key in node:
             if str(key).startswith("_"):
                 continue
@@ -75,8 +69,27 @@ def _check_node(node: DictConfig, path: str) -> None:
             _check_node(child, f"{path}.{key}" if path else str(key))
 
 
+def _parameters(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """Parameters and type hints of a callable; for a class whose __init__ passes **kwargs on to its
+    parents (our datamodules), the parents' parameters too."""
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for fn in [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]:
+        try:
+            hints = {**typing.get_type_hints(fn), **hints}
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check against
+            pass
+        own = inspect.signature(fn).parameters
+        params = {**{k: p for k, p in own.items() if k != "self"}, **params}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params, hints, False
+    return params, hints, True
+
+
 def _name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_name(arg) for arg in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import hydra
 import lightning as L
@@ -23,6 +24,8 @@ from src.data import DataError
 from src.reports import MetricsReport, format_table
 
 log = logging.getLogger(__name__)
+# In-process loading (num_workers=0) is the measured fastest on small CPU machines; don't nag about it.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 def train(cfg: DictConfig) -> float:
@@ -47,11 +50,17 @@ def train(cfg: DictConfig) -> float:
         label_smoothing=cfg.label_smoothing,
         config=run_config,
     )
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c]
+    callbacks = [
+        instantiate(c)
+        for name, c in cfg.callbacks.items()
+        if c and (name != "progress_bar" or cfg.trainer.get("enable_progress_bar", True))
+    ]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    trainer.validate(module, datamodule=datamodule, ckpt_path="best", verbose=False)
-    trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)
+    # Report the weights with the best val loss (the current ones if no checkpoint was written, e.g. max_epochs=0).
+    best = "best" if getattr(trainer.checkpoint_callback, "best_model_path", "") else None
+    trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
     report = next((c for c in callbacks if isinstance(c, MetricsReport)), None)
     metrics = report.metrics if report else {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -67,7 +76,10 @@ def train(cfg: DictConfig) -> float:
 
 
 def one_line(error: Exception) -> str:
-    """The useful last line of an error, also when a DataLoader worker or Hydra wrapped it."""
+    """The useful line of an error, also when a DataLoader worker or Hydra's instantiate wrapped it."""
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        key = str(error).strip().splitlines()[-1].removeprefix("full_key: ")
+        return f"{key}: {one_line(error.__cause__)}"
     text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     for prefix in ("DataError: ", "ConfigError: ", "ValueError: "):
         text = text.split(prefix, 1)[-1]

@@ -1,0 +1,31 @@
+# Set-up is two commands on a fresh machine:  `make train` (install + default run) and `make test`.
+PY := .venv/bin/python
+FASHION_MNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
+
+.PHONY: train test lint clean-venv
+
+.venv/installed: pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet -e ".[dev]"
+	touch $@
+
+# Real Fashion-MNIST: an existing local copy, else torchvision's download, else Debian's package.
+$(FASHION_MNIST): | .venv/installed
+	$(PY) -c 'from src.data.mnist import FashionMNISTDataModule as D; D(data_dir="data", local_copies=["/usr/share/datasets/fashion-mnist"]).prepare_data()' 2>/dev/null \
+	  || apt-get install -y -q dataset-fashion-mnist \
+	  || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
+	  || echo "could not install dataset-fashion-mnist; src.train will say where it looked"
+
+train: .venv/installed $(FASHION_MNIST)
+	$(PY) -m src.train $(ARGS)
+
+test: .venv/installed
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest
+
+lint: .venv/installed
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+clean-venv:
+	rm -rf .venv

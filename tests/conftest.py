@@ -1,0 +1,239 @@
+"""Shared builders for tiny datasets in their real on-disk formats, and the composed Hydra config.
+
+Nothing here touches the network, ../shared or /usr/share/datasets: every dataset is written into a
+pytest tmp dir and every config override points the datamodules there.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import DictConfig, open_dict, read_write
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+if str(REPO_ROOT) not in sys.path:  # `import src...` also when pytest is started from elsewhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+IDX_NAMES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Test labels with a different count per class (1..5, twice), so confusion-matrix row sums (true class)
+# are distinguishable from column sums (predicted class).
+UNEVEN_TEST_LABELS = [c for c in range(10) for _ in range(c % 5 + 1)]  # 30 labels
+
+
+# --- IDX (MNIST / Fashion-MNIST) ------------------------------------------------------------------
+def idx_images_bytes(images: np.ndarray) -> bytes:
+    """IDX3: magic 0x00000803, big-endian int32 dims (N, rows, cols), then uint8 pixels."""
+    assert images.dtype == np.uint8 and images.ndim == 3
+    return struct.pack(">iiii", 0x00000803, *images.shape) + images.tobytes()
+
+
+def idx_labels_bytes(labels: Sequence[int]) -> bytes:
+    """IDX1: magic 0x00000801, big-endian int32 N, then uint8 labels."""
+    return struct.pack(">ii", 0x00000801, len(labels)) + bytes(int(v) for v in labels)
+
+
+def class_images(labels: Sequence[int], shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """uint8 noise images whose brightness depends on the class, so the classes are learnable."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    noise = rng.integers(0, 60, size=(len(labels), *shape))
+    level = (labels * 19).reshape(-1, *([1] * len(shape)))
+    return np.clip(noise + level, 0, 255).astype(np.uint8)
+
+
+def write_idx(
+    folder: Path,
+    n_train: int = 80,
+    test_labels: Sequence[int] | None = None,
+    *,
+    gz: bool = False,
+    num_classes: int = 10,
+    size: int = 28,
+) -> dict[str, Path]:
+    """Write the four IDX files into `folder` (gzipped as `NAME.gz` when `gz`). Returns name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_labels = [i % num_classes for i in range(n_train)]
+    test_labels = list(UNEVEN_TEST_LABELS if test_labels is None else test_labels)
+    content = {
+        "train-images-idx3-ubyte": idx_images_bytes(class_images(train_labels, (size, size), seed=1)),
+        "train-labels-idx1-ubyte": idx_labels_bytes(train_labels),
+        "t10k-images-idx3-ubyte": idx_images_bytes(class_images(test_labels, (size, size), seed=2)),
+        "t10k-labels-idx1-ubyte": idx_labels_bytes(test_labels),
+    }
+    paths = {}
+    for name, data in content.items():
+        path = folder / (f"{name}.gz" if gz else name)
+        path.write_bytes(gzip.compress(data) if gz else data)
+        paths[name] = path
+    return paths
+
+
+# --- CIFAR-10 python batches -----------------------------------------------------------------------
+def write_cifar_batches(
+    root: Path,
+    per_batch: int = 12,
+    test_labels: Sequence[int] | None = None,
+    label_names: Sequence[str] = CIFAR_CLASSES,
+) -> Path:
+    """Write `root/cifar-10-batches-py/` as torchvision reads it: data_batch_1..5 and test_batch, each a
+    pickled dict with "data" (uint8, n x 3072, channel-major) and "labels"; batches.meta with
+    "label_names". Returns the batches folder."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    k = len(label_names)
+
+    def dump(name: str, labels: Sequence[int], seed: int) -> None:
+        data = class_images(labels, (3072,), seed=seed)
+        batch = {
+            "batch_label": name,
+            "labels": list(labels),
+            "data": data,
+            "filenames": [f"{i}.png" for i in labels],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+    for b in range(1, 6):
+        dump(f"data_batch_{b}", [(i + b) % k for i in range(per_batch)], seed=b)
+    dump("test_batch", [c % k for c in (UNEVEN_TEST_LABELS if test_labels is None else test_labels)], seed=9)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(label_names), "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
+    return folder
+
+
+# --- image folders ----------------------------------------------------------------------------------
+def write_image(path: Path, mode: str, size: tuple[int, int], value: int) -> None:
+    """A PIL image of `size` (height, width) in `mode` ("L" or "RGB"); the format follows the suffix."""
+    height, width = size
+    rng = np.random.default_rng(value)
+    pixels = np.clip(rng.integers(0, 40, size=(height, width, 3)) + value, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB").convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def write_image_folder(
+    root: Path,
+    classes: Sequence[str] = ("cat", "dog", "fox"),
+    train_per_class: int = 20,
+    test_per_class: Sequence[int] | int | None = (4, 8, 12),
+    *,
+    mode: str = "L",
+    size: tuple[int, int] = (28, 28),
+    exts: Sequence[str] = (".png", ".jpg"),
+) -> Path:
+    """`root/train/<class>/*` and (unless `test_per_class` is None) `root/test/<class>/*`, alternating the
+    file extensions in `exts`. `test_per_class` may differ per class. Returns `root`."""
+    if isinstance(test_per_class, int):
+        test_per_class = [test_per_class] * len(classes)
+    for c, name in enumerate(classes):
+        for i in range(train_per_class):
+            write_image(root / "train" / name / f"img{i:03d}{exts[i % len(exts)]}", mode, size, 60 * c + i)
+        if test_per_class is not None:
+            for i in range(test_per_class[c]):
+                write_image(
+                    root / "test" / name / f"img{i:03d}{exts[i % len(exts)]}", mode, size, 60 * c + i + 1
+                )
+    return root
+
+
+# --- Hydra config -------------------------------------------------------------------------------------
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "dataset.batch_size=16",
+    "dataset.num_workers=0",
+]
+
+
+def offline_dataset(dataset: str, data_dir: Path) -> list[str]:
+    """Overrides that keep a dataset away from the network and any shared copy."""
+    overrides = [f"dataset={dataset}", f"dataset.data_dir={data_dir}"]
+    if dataset != "image_folder":
+        overrides += ["dataset.local_copies=[]", "dataset.download=false"]
+    return overrides
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose conf/train.yaml as `python -m src.train` would and prepare Hydra's runtime like run_job
+    does; returns the task config (no `hydra` key), as the task function receives it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    def _compose(overrides: Sequence[str], run_dir: Path | None = None) -> DictConfig:
+        run_dir = run_dir or tmp_path / "run"
+        overrides = [*overrides, f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+        HydraConfig.instance().set_config(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        task_cfg = copy.deepcopy(cfg)
+        with read_write(task_cfg), open_dict(task_cfg):
+            del task_cfg["hydra"]
+        return task_cfg
+
+    yield _compose
+    HydraConfig.instance().cfg = None
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONPATH")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`python -m src.train ARGS` from the repository root, as a user runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.train", *args],
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_cli(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -1,0 +1,103 @@
+"""`python -m src.train` as a user runs it. Every run starts a fresh interpreter (seconds of imports), so
+all of them are started at once by one module fixture and each test checks its own run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import FAST, finish_cli, offline_dataset, start_cli, write_idx
+
+DATASETS = ("cifar10", "fashion_mnist", "image_folder", "mnist")
+MODELS = ("cnn2", "cnn3", "lenet", "mlp")
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """name -> (CompletedProcess, run dir) for every CLI run below, started concurrently."""
+    root = tmp_path_factory.mktemp("cli")
+    empty = root / "empty"
+    empty.mkdir()
+    write_idx(root / "idx", n_train=40, gz=True)
+    offline_empty = offline_dataset("mnist", empty)
+    runs = {
+        "help": ["--help"],
+        "unknown_dataset": ["dataset=nope"],
+        "unknown_model": ["model=nope"],
+        "typo_key": [*offline_empty, "trainer.max_epocs=1"],
+        "bad_type": [*offline_empty, "trainer.max_epochs=abc"],
+        "missing_data": [*offline_empty, *FAST],
+        "train": [*offline_dataset("fashion_mnist", root / "idx"), "model=cnn2", *FAST],
+    }
+    procs = {}
+    for name, args in runs.items():
+        run_dir = root / "runs" / name
+        procs[name] = (start_cli(*args, f"hydra.run.dir={run_dir}"), run_dir)
+    return {name: (finish_cli(proc, timeout=240), run_dir) for name, (proc, run_dir) in procs.items()}
+
+
+def output(result) -> str:
+    return result.stdout + result.stderr
+
+
+def test_cli_trains_and_writes_the_run_directory(cli):
+    result, run_dir = cli["train"]
+    assert result.returncode == 0, output(result)[-3000:]
+    assert "Traceback" not in output(result)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == 30
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "test/acc" in result.stdout and f"run directory: {run_dir}" in result.stdout
+
+
+def test_help_lists_config_groups_and_choices(cli):
+    result, _ = cli["help"]
+    assert result.returncode == 0, output(result)
+    groups = dict(re.findall(r"^(\w+): (.+)$", result.stdout, flags=re.M))
+    assert {"dataset", "model", "optimizer"} <= groups.keys()
+    assert all(d in groups["dataset"] for d in DATASETS)
+    assert all(m in groups["model"] for m in MODELS)
+    assert "adam" in groups["optimizer"] and "sgd" in groups["optimizer"]
+
+
+@pytest.mark.parametrize(
+    ("run", "group", "choices"),
+    [("unknown_dataset", "dataset", DATASETS), ("unknown_model", "model", MODELS)],
+)
+def test_unknown_group_choice_fails_listing_the_choices(cli, run, group, choices):
+    result, run_dir = cli[run]
+    text = output(result)
+    assert result.returncode != 0
+    assert "Traceback" not in text
+    assert f"{group}/nope" in text
+    assert all(choice in text for choice in choices), text
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_misspelt_key_fails_naming_the_key(cli):
+    result, _ = cli["typo_key"]
+    text = output(result)
+    assert result.returncode != 0
+    assert "Traceback" not in text
+    assert "trainer.max_epocs" in text
+
+
+def test_wrong_value_type_fails_naming_the_key(cli):
+    result, _ = cli["bad_type"]
+    text = output(result)
+    assert result.returncode != 0
+    assert "Traceback" not in text
+    assert "trainer.max_epochs" in text and "abc" in text
+
+
+def test_missing_data_fails_with_one_clear_error_line(cli):
+    result, _ = cli["missing_data"]
+    text = output(result)
+    assert result.returncode != 0
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    assert "MNIST not found" in errors[0] and "empty" in errors[0]

@@ -1,0 +1,130 @@
+"""ImageFolderDataModule on tiny PNG/JPEG folders written with PIL: channels, sizes, splits, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_image, write_image_folder
+
+from src.data import DataError
+from src.data.image_folder import ImageFolderDataModule
+
+
+def folder(data_dir, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(data_dir=str(data_dir), **{"batch_size": 16, "num_workers": 0, **kwargs})
+
+
+def ready(dm, stage: str | None = None):
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm
+
+
+def every_item(dm) -> None:
+    """ImageFolderDataModule decodes lazily: touch every item of every split."""
+    for dataset in (dm.train_set, dm.val_set, dm.test_set):
+        for i in range(len(dataset)):
+            dataset[i]
+
+
+# --- image folders --------------------------------------------------------------------------------------
+def test_grayscale_image_folder_stays_one_channel(tmp_path):
+    write_image_folder(tmp_path, mode="L", size=(28, 28))
+    dm = ready(folder(tmp_path, val_fraction=0.2))
+    assert dm.class_names == ["cat", "dog", "fox"]
+    assert dm.input_shape == (1, 28, 28)
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (48, 12, 24)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and int(y.max()) < 3
+
+
+def test_rgb_image_folder_has_three_channels(tmp_path):
+    write_image_folder(tmp_path, mode="RGB", size=(30, 26), exts=(".jpg", ".png"))
+    dm = ready(folder(tmp_path))
+    assert dm.input_shape == (3, 30, 26)
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape == (16, 3, 30, 26)
+
+
+def test_image_folder_size_option_resizes(tmp_path):
+    write_image_folder(tmp_path, mode="RGB", size=(40, 50))
+    dm = ready(folder(tmp_path, size=[24, 20]))
+    assert dm.input_shape == (3, 24, 20)
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        assert next(iter(loader))[0].shape[1:] == (3, 24, 20)
+
+
+def test_image_folder_images_of_mixed_sizes_are_brought_to_the_first_size(tmp_path):
+    write_image_folder(tmp_path, train_per_class=6, test_per_class=None, mode="L", size=(28, 28))
+    write_image(tmp_path / "train" / "dog" / "zz_big.png", "L", (40, 33), 7)
+    dm = ready(folder(tmp_path))
+    every_item(dm)
+    assert {tuple(dm.train_set[i][0].shape) for i in range(len(dm.train_set))} == {(1, 28, 28)}
+
+
+def test_image_folder_images_get_the_first_images_channels(tmp_path):
+    write_image_folder(tmp_path, train_per_class=6, test_per_class=2, mode="L", size=(28, 28))
+    write_image(tmp_path / "train" / "dog" / "zz_colour.png", "RGB", (28, 28), 5)
+    write_image(tmp_path / "test" / "fox" / "zz_colour.jpg", "RGB", (28, 28), 6)
+    dm = ready(folder(tmp_path))
+    shapes = {tuple(ds[i][0].shape) for ds in (dm.train_set, dm.val_set, dm.test_set) for i in range(len(ds))}
+    assert shapes == {(1, 28, 28)}
+
+
+def test_image_folder_without_test_folder_tests_on_the_val_split(tmp_path):
+    write_image_folder(tmp_path, test_per_class=None)
+    dm = ready(folder(tmp_path, val_fraction=0.25))
+    assert not (tmp_path / "test").exists()
+    assert dm.test_set is dm.val_set
+    assert len(dm.test_set) == 15
+
+
+def test_image_folder_test_classes_must_match_train(tmp_path):
+    write_image_folder(tmp_path, test_per_class=None)
+    write_image_folder(tmp_path / "other", classes=("cat", "owl"), train_per_class=2, test_per_class=None)
+    (tmp_path / "other" / "train").rename(tmp_path / "test")
+    dm = ready(folder(tmp_path), "fit")
+    with pytest.raises(DataError, match="owl"):
+        dm.setup("test")
+
+
+def test_missing_image_folder_is_a_data_error_naming_it(tmp_path):
+    dm = folder(tmp_path / "photos")
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    assert str(tmp_path / "photos" / "train") in str(info.value)
+
+
+def test_image_folder_with_no_images_is_a_data_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no images"):
+        ready(folder(tmp_path), "fit")
+
+
+def test_unreadable_image_is_a_data_error_naming_the_file_when_loaded(tmp_path):
+    write_image_folder(tmp_path, train_per_class=8, test_per_class=2)
+    bad = tmp_path / "train" / "dog" / "x.png"
+    bad.write_bytes(b"\x89PNG garbage bytes, not an image" * 4)
+    dm = ready(folder(tmp_path))  # lazily loaded: setup reads only the first image
+    with pytest.raises(DataError) as info:
+        every_item(dm)
+    assert str(bad) in str(info.value)
+
+
+def test_truncated_image_is_a_data_error_naming_the_file(tmp_path):
+    write_image_folder(tmp_path, train_per_class=8, test_per_class=2, mode="RGB")
+    bad = tmp_path / "test" / "cat" / "img000.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    dm = ready(folder(tmp_path))
+    with pytest.raises(DataError) as info:
+        every_item(dm)
+    assert str(bad) in str(info.value)
+
+
+def test_mean_std_must_fit_the_channels(tmp_path):
+    write_image_folder(tmp_path, mode="RGB", train_per_class=4, test_per_class=None)
+    dm = folder(tmp_path, mean=[0.5, 0.5], std=[0.5, 0.5])
+    with pytest.raises(DataError, match="channels"):
+        ready(dm, "fit")

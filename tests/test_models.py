@@ -1,0 +1,55 @@
+"""Every model config in conf/model builds for any input shape and class count and returns logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CONF_DIR
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 48)]
+
+
+def build(model: str, input_shape, num_classes: int) -> torch.nn.Module:
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
+    return instantiate(cfg, input_shape=input_shape, num_classes=num_classes)
+
+
+def test_all_four_models_are_configured():
+    assert MODELS == ["cnn2", "cnn3", "lenet", "mlp"]
+
+
+@pytest.mark.parametrize("num_classes", [10, 3])
+@pytest.mark.parametrize("input_shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("model", MODELS)
+def test_model_forward_gives_one_logit_per_class(model, input_shape, num_classes):
+    torch.manual_seed(0)
+    net = build(model, input_shape, num_classes).eval()
+    with torch.no_grad():
+        out = net(torch.randn(4, *input_shape))
+    assert out.shape == (4, num_classes)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_trains_one_step(model):
+    torch.manual_seed(0)
+    net = build(model, (3, 32, 32), 3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_lenet_on_mnist_has_60074_parameters():
+    net = build("lenet", (1, 28, 28), 10)
+    assert sum(p.numel() for p in net.parameters()) == 60074
+
+
+def test_too_small_images_for_cnn2_is_a_clear_value_error():
+    from src.models.cnn2 import CNN2
+
+    with pytest.raises(ValueError, match=r"\(1, 4, 4\) are too small"):
+        CNN2((1, 4, 4), 10)

@@ -1,0 +1,152 @@
+"""End to end: the real composed config, `src.train.train(cfg)` in-process, one epoch on tiny data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    CIFAR_CLASSES,
+    FASHION_CLASSES,
+    FAST,
+    UNEVEN_TEST_LABELS,
+    offline_dataset,
+    write_cifar_batches,
+    write_idx,
+    write_image_folder,
+)
+
+from src.train import train
+
+IMAGE_FOLDER_TEST = (4, 8, 12)  # test images per class: cat, dog, fox
+
+
+def make_data(dataset: str, root: Path) -> tuple[list[str], Counter]:
+    """Write the dataset; return its class names and the test-set count per class index."""
+    if dataset == "mnist":
+        write_idx(root / "MNIST" / "raw", n_train=80)
+        return [f"{d} - " for d in range(10)], Counter(UNEVEN_TEST_LABELS)
+    if dataset == "fashion_mnist":
+        write_idx(root, n_train=80, gz=True)  # Debian's flat gzipped layout
+        return FASHION_CLASSES, Counter(UNEVEN_TEST_LABELS)
+    if dataset == "cifar10":
+        write_cifar_batches(root, per_batch=12)
+        return CIFAR_CLASSES, Counter(UNEVEN_TEST_LABELS)
+    write_image_folder(root, train_per_class=20, test_per_class=IMAGE_FOLDER_TEST, mode="RGB", size=(32, 32))
+    return ["cat", "dog", "fox"], Counter(dict(enumerate(IMAGE_FOLDER_TEST)))
+
+
+def check_run(run_dir: Path, result: float, class_names: list[str], test_counts: Counter) -> dict:
+    """The artefacts every run must leave, and a consistent metrics.json."""
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints
+    assert any(name.startswith("epoch") for name in checkpoints), checkpoints
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events file"
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in (
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "test/acc_per_class",
+        "test/confusion_matrix",
+    ):
+        assert key in metrics, key
+    assert isinstance(result, float) and result == pytest.approx(metrics["test/acc"])
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and 0.0 <= metrics["val/acc"] <= 1.0
+    assert metrics["test/loss"] > 0 and metrics["val/loss"] > 0
+
+    per_class = metrics["test/acc_per_class"]
+    assert isinstance(per_class, dict) and len(per_class) == len(class_names)
+    for actual, expected in zip(per_class, class_names, strict=True):
+        assert actual.startswith(expected), (actual, expected)
+
+    matrix = metrics["test/confusion_matrix"]
+    k = len(class_names)
+    assert isinstance(matrix, list) and len(matrix) == k and all(len(row) == k for row in matrix)
+    assert sum(map(sum, matrix)) == sum(test_counts.values())
+    assert [sum(row) for row in matrix] == [test_counts[c] for c in range(k)], "rows must be the true class"
+    correct = sum(matrix[i][i] for i in range(k))
+    assert metrics["test/acc"] == pytest.approx(correct / sum(test_counts.values()), abs=1e-6)
+    assert (run_dir / "confusion_matrix.png").is_file()
+    return metrics
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model"),
+    [("mnist", "cnn2"), ("fashion_mnist", "mlp"), ("cifar10", "cnn3"), ("image_folder", "lenet")],
+)
+def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_path, dataset, model):
+    class_names, test_counts = make_data(dataset, tmp_path / "data")
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*offline_dataset(dataset, tmp_path / "data"), f"model={model}", *FAST], run_dir)
+    result = train(cfg)
+    metrics = check_run(run_dir, result, class_names, test_counts)
+    assert metrics["epochs"] == 1
+
+
+def test_image_folder_without_test_folder_reports_on_the_val_split(compose_cfg, tmp_path):
+    write_image_folder(tmp_path / "data", train_per_class=20, test_per_class=None, mode="L", size=(28, 28))
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(
+        [*offline_dataset("image_folder", tmp_path / "data"), "dataset.val_fraction=0.5", "model=cnn2", *FAST]
+    )
+    train(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == 30  # half of the 60 training images
+    assert list(metrics["test/acc_per_class"]) == ["cat", "dog", "fox"]
+
+
+def test_checkpoint_keeps_classes_input_shape_and_run_config(compose_cfg, tmp_path):
+    write_idx(tmp_path / "data", n_train=40)
+    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", "seed=0", *FAST])
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    hparams = ckpt["hyper_parameters"]
+    assert list(hparams["input_shape"]) == [1, 28, 28]
+    assert len(hparams["class_names"]) == 10
+    assert hparams["config"]["model"]["_target_"] == "src.models.mlp.MLP"
+    assert hparams["config"]["seed"] == 0
+
+
+def test_same_seed_gives_the_same_result(compose_cfg, tmp_path):
+    write_idx(tmp_path / "data", n_train=48)
+    results = []
+    for run in ("a", "b"):
+        cfg = compose_cfg(
+            [*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, "trainer.deterministic=true"],
+            tmp_path / run,
+        )
+        train(cfg)
+        results.append(json.loads((tmp_path / run / "metrics.json").read_text()))
+    assert results[0]["test/confusion_matrix"] == results[1]["test/confusion_matrix"]
+    assert results[0]["test/loss"] == pytest.approx(results[1]["test/loss"], rel=1e-5)
+
+
+def test_progress_bar_can_be_turned_off_with_the_trainer_flag(compose_cfg, tmp_path):
+    """`trainer.enable_progress_bar=false` alone: conf/trainer says any Trainer argument may be overridden."""
+    write_idx(tmp_path / "data", n_train=40)
+    fast = [o for o in FAST if not o.startswith("callbacks.progress_bar")]
+    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *fast])
+    assert isinstance(train(cfg), float)
+
+
+def test_missing_data_is_a_data_error_before_training(compose_cfg, tmp_path):
+    from src.data import DataError
+
+    cfg = compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "empty"), "model=mlp", *FAST])
+    with pytest.raises(DataError, match="FashionMNIST not found"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_wrong_value_type_is_a_config_error_naming_the_key(compose_cfg, tmp_path):
+    from src.config import ConfigError
+
+    cfg = compose_cfg(["dataset=mnist", "model=mlp", *FAST, "trainer.max_epochs=abc"])
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs"):
+        train(cfg)
