@@ -36,12 +36,12 @@ class ClassifierModule(L.LightningModule):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
-        self.val_metrics = MetricCollection(
-            {"acc": MulticlassAccuracy(n, average="micro"), "acc_per_class": MulticlassAccuracy(n, average="none")}
-        )
-        self.test_metrics = self.val_metrics.clone()
-        self.val_confmat = MulticlassConfusionMatrix(n)
-        self.test_confmat = MulticlassConfusionMatrix(n)
+        accuracy = {
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "acc_per_class": MulticlassAccuracy(n, average="none"),
+        }
+        self.eval_metrics = nn.ModuleDict({stage: MetricCollection(accuracy).clone() for stage in ("val", "test")})
+        self.confmats = nn.ModuleDict({stage: MulticlassConfusionMatrix(n) for stage in ("val", "test")})
         self.test_results: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +59,8 @@ class ClassifierModule(L.LightningModule):
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
-        metrics, confmat = (self.val_metrics, self.val_confmat) if stage == "val" else (self.test_metrics, self.test_confmat)
-        metrics.update(logits, y)
-        confmat.update(logits, y)
+        self.eval_metrics[stage].update(logits, y)
+        self.confmats[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -72,10 +71,10 @@ class ClassifierModule(L.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
         """compute() syncs across DDP processes, so every image is counted exactly once."""
-        metrics, confmat = (self.val_metrics, self.val_confmat) if stage == "val" else (self.test_metrics, self.test_confmat)
+        metrics, confmat = self.eval_metrics[stage], self.confmats[stage]
         values = metrics.compute()
         self.log(f"{stage}/acc", values["acc"], prog_bar=True)
-        per_class = dict(zip(self.hparams.class_names, values["acc_per_class"].tolist()))
+        per_class = dict(zip(self.hparams.class_names, values["acc_per_class"].tolist(), strict=True))
         results = {"acc_per_class": per_class, "confusion_matrix": confmat.compute().tolist()}
         metrics.reset()
         confmat.reset()

@@ -67,8 +67,9 @@ class MetricsReport(L.Callback):
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
         }
         write_atomic(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
-        fig, _ = pl_module.test_confmat.plot(torch.tensor(results["confusion_matrix"]), labels=self.metrics["class_names"])
-        fig.set_size_inches(max(6, 0.6 * len(self.metrics["class_names"])), max(6, 0.6 * len(self.metrics["class_names"])))
+        names = self.metrics["class_names"]
+        fig, _ = pl_module.confmats["test"].plot(torch.tensor(results["confusion_matrix"]), labels=names)
+        fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
         fig.savefig(self.output_dir / "confusion_matrix.png", bbox_inches="tight", dpi=100)
         if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_figure"):
             trainer.logger.experiment.add_figure("test/confusion_matrix", fig, global_step=trainer.global_step)

@@ -1,7 +1,7 @@
 """Entry point: compose the config, fit, test the best checkpoint, report.
 
-    python -m src.train dataset=cifar10 model=cnn3 optimizer=sgd optimizer.lr=0.01
-    python -m src.train --help        # config groups and their choices
+python -m src.train dataset=cifar10 model=cnn3 optimizer=sgd optimizer.lr=0.01
+python -m src.train --help        # config groups and their choices
 """
 
 from __future__ import annotations

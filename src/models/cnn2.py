@@ -32,8 +32,10 @@ class CNN2(nn.Module):
             with torch.no_grad():
                 feature_shape = self.features(torch.zeros(1, *input_shape)).shape[1:]
         except RuntimeError as e:
-            raise ValueError(f"images of shape {tuple(input_shape)} are too small for {len(channels)} unpadded "
-                             "conv+pool blocks; resize them (dataset.size=[28,28]) or pick another model") from e
+            raise ValueError(
+                f"images of shape {tuple(input_shape)} are too small for {len(channels)} unpadded "
+                "conv+pool blocks; resize them (dataset.size=[28,28]) or pick another model"
+            ) from e
         self.classifier = MLP(feature_shape, num_classes, hidden=hidden, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
