@@ -5,10 +5,12 @@ and input shape arrive as arguments and are saved in the checkpoint, so a checkp
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -56,18 +58,19 @@ class ClassifierModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x)
         self.eval_metrics[stage].update(logits, y)
         self.confmats[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+        return {"logits": logits.detach()}  # for the prediction figures (src/reports.py)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "test")
 
     def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
         """compute() syncs across DDP processes, so every image is counted exactly once."""
@@ -97,3 +100,19 @@ class ClassifierModule(L.LightningModule):
         scheduler = self.scheduler(optimizer=optimizer)
         interval = "step" if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) else "epoch"
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
+    """Rebuild a trained ClassifierModule from its checkpoint alone: the architecture comes from the run
+    config saved in it, class names, input shape and normalization from its hyper-parameters."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
+        model_config = hparams["config"]["model"]
+    except Exception as e:  # noqa: BLE001 - anything unreadable is "not one of our checkpoints"
+        raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {e})") from e
+    net = instantiate(model_config, input_shape=hparams["input_shape"], num_classes=len(hparams["class_names"]))
+    module = ClassifierModule.load_from_checkpoint(path, net=net, map_location=map_location, weights_only=False)
+    return module.eval()

@@ -1,10 +1,13 @@
-"""What a run writes for people, as Lightning callbacks: metrics.json and the confusion matrix figure."""
+"""What a run writes for people, as Lightning callbacks: metrics.json, the accuracy before training,
+the confusion matrix, grids of predictions, of the worst mistakes and of a training batch (PNG files in
+the run directory and TensorBoard images), and the hyper-parameters with final metrics (HPARAMS tab)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.model_summary import ModelSummary  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
-SUMMARY_KEYS = ("val/loss", "val/acc", "test/loss", "test/acc")
+SUMMARY_KEYS = ("val/acc_untrained", "val/loss", "val/acc", "test/loss", "test/acc")
+# Config sections that describe a run's hyper-parameters (for TensorBoard's HPARAMS tab).
+HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_smoothing", "trainer")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -33,30 +39,77 @@ def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) 
     """A short console table of the headline figures and per-class test accuracy."""
     rows = [(k, f"{metrics[k]:.4f}") for k in keys if k in metrics]
     rows += [(f"  {name}", f"{acc:.4f}") for name, acc in metrics.get("test/acc_per_class", {}).items()]
-    width = max(len(k) for k, _ in rows) + 2
+    width = max((len(k) for k, _ in rows), default=10) + 2
     line = "-" * (width + 10)
     return "\n".join([line, *(f"{k:<{width}}{v:>10}" for k, v in rows), line])
 
 
+def save_figure(fig: plt.Figure, trainer: L.Trainer, output_dir: Path, name: str) -> None:
+    """PNG in the run directory and an image in TensorBoard (tag = name)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_dir / f"{name}.png", bbox_inches="tight", dpi=100)
+    experiment = getattr(trainer.logger, "experiment", None)
+    if hasattr(experiment, "add_figure"):
+        experiment.add_figure(name, fig, global_step=trainer.global_step)
+    plt.close(fig)
+
+
+def image_grid(
+    images: torch.Tensor,
+    titles: Sequence[str],
+    colors: Sequence[str] | None = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    columns: int = 10,
+) -> plt.Figure:
+    """Normalized (N, C, H, W) images back to pixels, one titled cell each."""
+    images = images.detach().float().cpu()
+    pixels = images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    pixels = pixels.clamp(0, 1).permute(0, 2, 3, 1)
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(pixels[i].squeeze(-1) if pixels.shape[-1] == 1 else pixels[i], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+    fig.tight_layout()
+    return fig
+
+
+def _norm(pl_module: L.LightningModule) -> dict[str, Sequence[float]]:
+    return {"mean": pl_module.hparams.mean, "std": pl_module.hparams.std}
+
+
 class MetricsReport(L.Callback):
-    """After testing, writes `metrics.json` (headline figures, per-class accuracy by class name, the
-    confusion matrix with rows = true class) and the confusion matrix figure (PNG and TensorBoard)."""
+    """After testing: `metrics.json` (headline figures, accuracy before training, per-class accuracy by
+    class name, confusion matrix with rows = true class, parameter count), the confusion matrix figure,
+    and the run's hyper-parameters with its final metrics in TensorBoard's HPARAMS tab."""
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
         self.val: dict[str, float] = {}
+        self.untrained: float | None = None
         self.metrics: dict[str, Any] = {}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if self.untrained is None and trainer.state.fn == "validate" and trainer.global_step == 0:
+            # train() validates once before fitting: the seeds' "about 1/num_classes when untrained" check.
+            self.untrained = val.get("val/acc")
+            if trainer.logger is not None and self.untrained is not None:
+                trainer.logger.log_metrics({"val/acc_untrained": self.untrained}, step=0)
         # The last validation is trainer.validate(ckpt_path="best"), so these describe the tested weights.
-        self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.val = val
 
     @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = pl_module.test_results
         test = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("test/loss", "test/acc")}
         checkpoint = trainer.checkpoint_callback
+        untrained = {} if self.untrained is None else {"val/acc_untrained": self.untrained}
         self.metrics = {
+            **untrained,
             **self.val,
             **test,
             "test/acc_per_class": results["acc_per_class"],
@@ -64,13 +117,89 @@ class MetricsReport(L.Callback):
             "class_names": list(pl_module.hparams.class_names),
             "num_parameters": ModelSummary(pl_module).total_parameters,
             "epochs": trainer.current_epoch,
-            "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
+            "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
         }
         write_atomic(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
+
         names = self.metrics["class_names"]
         fig, _ = pl_module.confmats["test"].plot(torch.tensor(results["confusion_matrix"]), labels=names)
         fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
-        fig.savefig(self.output_dir / "confusion_matrix.png", bbox_inches="tight", dpi=100)
-        if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_figure"):
-            trainer.logger.experiment.add_figure("test/confusion_matrix", fig, global_step=trainer.global_step)
-        plt.close(fig)
+        save_figure(fig, trainer, self.output_dir, "confusion_matrix")
+        self._log_hparams(trainer, pl_module)
+
+    def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        config = pl_module.hparams.get("config")
+        if trainer.logger is None or not config:
+            return
+        config = OmegaConf.create(config)
+        params = {k: OmegaConf.to_container(config, resolve=True).get(k) for k in HPARAM_SECTIONS if k in config}
+        if isinstance(params.get("trainer"), dict):
+            params["trainer"] = {"max_epochs": params["trainer"].get("max_epochs")}
+        final = {f"hparams/{k.replace('/', '_')}": v for k, v in self.metrics.items() if isinstance(v, float)}
+        trainer.logger.log_hyperparams(params, metrics=final)
+
+
+class PredictionFigures(L.Callback):
+    """Test-set grids: the first `num_images` predictions titled "predicted (true)", green when right and
+    red when wrong, and the `num_images` most confident mistakes."""
+
+    def __init__(self, output_dir: str, num_images: int = 20) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_images = num_images
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first: list[tuple[torch.Tensor, ...]] = []
+        self.worst = (
+            torch.empty(0),
+            torch.empty(0),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+        )
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        x, y = batch[0].cpu(), batch[1].cpu()
+        confidence, predicted = outputs["logits"].float().softmax(-1).max(-1)
+        confidence, predicted = confidence.cpu(), predicted.cpu()
+        if sum(len(b[0]) for b in self.first) < self.num_images:
+            self.first.append((x, predicted, y))
+        wrong = predicted != y
+        images, conf, pred, true = (
+            torch.cat([old, new]) if len(old) else new
+            for old, new in zip(self.worst, (x[wrong], confidence[wrong], predicted[wrong], y[wrong]), strict=True)
+        )
+        keep = conf.argsort(descending=True)[: self.num_images]
+        self.worst = (images[keep], conf[keep], pred[keep], true[keep])
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = pl_module.hparams.class_names
+        if self.first:
+            x, pred, true = (torch.cat(t)[: self.num_images] for t in zip(*self.first, strict=True))
+            titles = [f"{names[p]} ({names[t]})" for p, t in zip(pred, true, strict=True)]
+            colors = ["green" if p == t else "red" for p, t in zip(pred, true, strict=True)]
+            save_figure(image_grid(x, titles, colors, **_norm(pl_module)), trainer, self.output_dir, "test_predictions")
+        images, conf, pred, true = self.worst
+        if len(images):
+            titles = [f"{names[p]} {c:.0%}\n({names[t]})" for p, c, t in zip(pred, conf, true, strict=True)]
+            fig = image_grid(images, titles, ["red"] * len(images), **_norm(pl_module))
+            save_figure(fig, trainer, self.output_dir, "worst_misclassified")
+
+
+class TrainBatchFigure(L.Callback):
+    """The first training batch as the model sees it (after augmentation), titled with its labels."""
+
+    def __init__(self, output_dir: str, num_images: int = 20) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_images = num_images
+
+    @rank_zero_only
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step != 0 or batch_idx != 0:
+            return
+        x, y = batch[0][: self.num_images], batch[1][: self.num_images]
+        titles = [pl_module.hparams.class_names[int(label)] for label in y]
+        save_figure(image_grid(x, titles, **_norm(pl_module)), trainer, self.output_dir, "train_batch")

@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> float:
     datamodule.setup("fit")  # the model's shape and classes come from the data
     net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     mean, std = datamodule.normalization()
-    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config = OmegaConf.to_container(cfg, resolve=False)  # re-resolved where it is used (evaluate)
     run_config.pop("hydra", None)
     module = ClassifierModule(
         net,
@@ -56,6 +56,8 @@ def train(cfg: DictConfig) -> float:
         if c and (name != "progress_bar" or cfg.trainer.get("enable_progress_bar", True))
     ]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    if cfg.ckpt_path is None:  # accuracy before training: about 1/num_classes, or something is wrong
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     # Report the weights with the best val loss (the current ones if no checkpoint was written, e.g. max_epochs=0).
     best = "best" if getattr(trainer.checkpoint_callback, "best_model_path", "") else None
