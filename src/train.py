@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
+def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
+    """The Trainer with the config's callbacks (except those named in `skip`) and logger."""
+    show_progress = cfg.trainer.get("enable_progress_bar", True)
+    callbacks = [
+        instantiate(c)
+        for name, c in cfg.callbacks.items()
+        if c and name not in skip and (name != "progress_bar" or show_progress)
+    ]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+
+
 def train(cfg: DictConfig) -> float:
     """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers)."""
     validate(cfg)
@@ -50,12 +61,7 @@ def train(cfg: DictConfig) -> float:
         label_smoothing=cfg.label_smoothing,
         config=run_config,
     )
-    callbacks = [
-        instantiate(c)
-        for name, c in cfg.callbacks.items()
-        if c and (name != "progress_bar" or cfg.trainer.get("enable_progress_bar", True))
-    ]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    trainer = build_trainer(cfg)
     if cfg.ckpt_path is None:  # accuracy before training: about 1/num_classes, or something is wrong
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -64,7 +70,7 @@ def train(cfg: DictConfig) -> float:
     trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
-    report = next((c for c in callbacks if isinstance(c, MetricsReport)), None)
+    report = next((c for c in trainer.callbacks if isinstance(c, MetricsReport)), None)
     metrics = report.metrics if report else {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         print(format_table(metrics))
@@ -88,16 +94,24 @@ def one_line(error: Exception) -> str:
     return text
 
 
+USER_ERRORS = (ConfigError, DataError, InstantiationException, FileNotFoundError, ValueError)
+
+
+def exit_on_user_error(error: Exception) -> None:
+    """One line and exit 1 for a single run; in a sweep, re-raise so only this run is marked failed."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise error
+    log.error(one_line(error))
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
     except (ConfigError, DataError, InstantiationException) as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records this run as failed and goes on
-        log.error(one_line(e))
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        exit_on_user_error(e)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create data folder {path} ({e.strerror}); set dataset.data_dir to a writable folder")
+        msg = f"cannot create data folder {path} ({e.strerror}); set dataset.data_dir to a writable folder"
+        raise DataError(msg) from e
     if not os.access(path, os.W_OK):
         raise DataError(f"data folder {path} is not writable; set dataset.data_dir to a writable folder")
     return path

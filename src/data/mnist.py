@@ -71,7 +71,7 @@ class MNISTDataModule(ImageClassificationDataModule):
             found = [_find_idx(folder, name) for name in IDX_FILES]
             if all(found):
                 writable_dir(self.raw_dir)
-                for name, source in zip(IDX_FILES, found):
+                for name, source in zip(IDX_FILES, found, strict=True):
                     _stage(source, self.raw_dir / name)
                 return
         failure = "download disabled (dataset.download=false)"
@@ -104,7 +104,10 @@ class MNISTDataModule(ImageClassificationDataModule):
 
     def _bad_file(self, train: bool) -> Path:
         prefix = "train" if train else "t10k"
-        for name, read in ((f"{prefix}-images-idx3-ubyte", read_image_file), (f"{prefix}-labels-idx1-ubyte", read_label_file)):
+        for name, read in (
+            (f"{prefix}-images-idx3-ubyte", read_image_file),
+            (f"{prefix}-labels-idx1-ubyte", read_label_file),
+        ):
             try:
                 read(str(self.raw_dir / name))
             except Exception:  # noqa: BLE001
