@@ -140,7 +140,7 @@ def _device(name: str) -> torch.device:
 def _load(ckpt_path: str, device: torch.device) -> ClassifierModule:
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
-        hint = next(iter(sorted(path.glob("**/last.ckpt"))), None)
+        hint = max(path.glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime, default=None)  # the newest run
         raise PredictError(
             f"ckpt_path={path} is a folder; give a .ckpt file" + (f", e.g. ckpt_path={hint}" if hint else "")
         )
@@ -202,13 +202,14 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
             logits = module(to_tensor(image, mean, std).unsqueeze(0).to(device))
         probs = logits.softmax(dim=-1)[0].float().cpu()
         top = probs.topk(k)
-        ranked = [(class_names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        ranked = [(class_names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in ranked), flush=True)
         figure = _figure_name(path, used)
         save_figure(image, probs.tolist(), class_names, path.name, output_dir / figure)
         results.append({"image": str(path), "top_k": [[n, round(p, 6)] for n, p in ranked], "figure": figure})
     write_atomic(output_dir / "predictions.json", json.dumps(results, indent=2) + "\n")
-    print(f"run directory: {output_dir} ({len(results)} figures, predictions.json)")
+    figures = f"{len(results)} figure{'' if len(results) == 1 else 's'}"
+    print(f"run directory: {output_dir} ({figures}, predictions.json)")
     if failed:
         print(f"{failed} of {len(paths)} images could not be read (see the errors above)", file=sys.stderr)
     return 1 if failed else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -39,9 +40,46 @@ def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
 
 
+def _overrides(overrides_yaml: Path | list[str]) -> list[str]:
+    """A run's overrides that define what it computes (not where it writes or whether it resumes)."""
+    items = OmegaConf.load(overrides_yaml) if isinstance(overrides_yaml, Path) else overrides_yaml
+    return sorted(o for o in items if not o.lstrip("+~").startswith(("hydra.", "resume=", "ckpt_path=")))
+
+
+def find_last_checkpoint(runs_root: Path, overrides: list[str]) -> Path:
+    """`last.ckpt` of the most recent run under `runs_root` started with the same overrides."""
+    wanted = _overrides(overrides)
+    candidates = [
+        path.parent.parent / "checkpoints" / "last.ckpt"
+        for path in runs_root.glob("**/.hydra/overrides.yaml")
+        if _overrides(path) == wanted
+    ]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise ConfigError(f"resume=true: no run under {runs_root}/ with overrides {wanted} has checkpoints/last.ckpt")
+    return max(candidates, key=lambda c: c.stat().st_mtime)
+
+
+def resume_from(cfg: DictConfig) -> None:
+    """`ckpt_path=PATH` or `resume=true`: continue the run that wrote the checkpoint in its own directory,
+    so its best-checkpoint tracking, TensorBoard curves and metrics.json carry on."""
+    if cfg.resume and cfg.ckpt_path is None:
+        cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
+    if cfg.ckpt_path is None:
+        return
+    checkpoint = Path(cfg.ckpt_path)
+    if not checkpoint.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
+        cfg.paths.output_dir = str(run_dir)
+    log.info("resuming from %s; writing to %s", checkpoint, cfg.paths.output_dir)
+
+
 def train(cfg: DictConfig) -> float:
     """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers)."""
     validate(cfg)
+    resume_from(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     datamodule.prepare_data()

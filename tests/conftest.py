@@ -162,9 +162,7 @@ def write_image_folder(
             write_image(root / "train" / name / f"img{i:03d}{exts[i % len(exts)]}", mode, size, 60 * c + i)
         if test_per_class is not None:
             for i in range(test_per_class[c]):
-                write_image(
-                    root / "test" / name / f"img{i:03d}{exts[i % len(exts)]}", mode, size, 60 * c + i + 1
-                )
+                write_image(root / "test" / name / f"img{i:03d}{exts[i % len(exts)]}", mode, size, 60 * c + i + 1)
     return root
 
 
@@ -222,18 +220,13 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def start_cli(*args: str) -> subprocess.Popen:
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """`python -m src.train ARGS` from the repository root, as a user runs it."""
-    return subprocess.Popen(
+    return subprocess.run(
         [sys.executable, "-m", "src.train", *args],
         cwd=REPO_ROOT,
         env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=timeout,
     )
-
-
-def finish_cli(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

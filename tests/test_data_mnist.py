@@ -11,6 +11,7 @@ from conftest import (
     FASHION_CLASSES,
     IDX_NAMES,
     UNEVEN_TEST_LABELS,
+    class_images,
     idx_images_bytes,
     idx_labels_bytes,
     write_idx,
@@ -72,6 +73,15 @@ def test_labels_survive_loading(tmp_path):
     assert sorted(dm.test_set[i][1] for i in range(len(dm.test_set))) == sorted(UNEVEN_TEST_LABELS)
 
 
+def test_pixels_are_scaled_and_normalized_with_mean_and_std(tmp_path):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=40)
+    dm = ready(fashion(tmp_path, mean=[0.2], std=[0.4]))
+    expected = (torch.from_numpy(class_images(UNEVEN_TEST_LABELS, (28, 28), seed=2)[5]) / 255.0 - 0.2) / 0.4
+    image, label = dm.test_set[5]
+    assert label == UNEVEN_TEST_LABELS[5]
+    torch.testing.assert_close(image[0], expected.float())
+
+
 def test_flat_gzipped_idx_folder_is_found_and_staged(tmp_path):
     data_dir = tmp_path / "data"
     sources = write_idx(data_dir, n_train=40, gz=True)
@@ -122,9 +132,7 @@ def test_incomplete_idx_folder_counts_as_missing(tmp_path):
         mnist(tmp_path).prepare_data()
 
 
-@pytest.mark.parametrize(
-    ("name", "stage"), [("train-images-idx3-ubyte", "fit"), ("t10k-labels-idx1-ubyte", "test")]
-)
+@pytest.mark.parametrize(("name", "stage"), [("train-images-idx3-ubyte", "fit"), ("t10k-labels-idx1-ubyte", "test")])
 def test_truncated_idx_file_is_a_data_error_naming_the_file(tmp_path, name, stage):
     raw = tmp_path / "FashionMNIST" / "raw"
     paths = write_idx(raw, n_train=40)

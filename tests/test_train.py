@@ -39,7 +39,7 @@ def make_data(dataset: str, root: Path) -> tuple[list[str], Counter]:
     return ["cat", "dog", "fox"], Counter(dict(enumerate(IMAGE_FOLDER_TEST)))
 
 
-def check_run(run_dir: Path, result: float, class_names: list[str], test_counts: Counter) -> dict:
+def check_run(run_dir: Path, result: float, optimized: str, class_names: list[str], test_counts: Counter) -> dict:
     """The artefacts every run must leave, and a consistent metrics.json."""
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints
@@ -56,7 +56,7 @@ def check_run(run_dir: Path, result: float, class_names: list[str], test_counts:
         "test/confusion_matrix",
     ):
         assert key in metrics, key
-    assert isinstance(result, float) and result == pytest.approx(metrics["test/acc"])
+    assert isinstance(result, float) and result == pytest.approx(metrics[optimized])
     assert 0.0 <= metrics["test/acc"] <= 1.0 and 0.0 <= metrics["val/acc"] <= 1.0
     assert metrics["test/loss"] > 0 and metrics["val/loss"] > 0
 
@@ -77,15 +77,21 @@ def check_run(run_dir: Path, result: float, class_names: list[str], test_counts:
 
 
 @pytest.mark.parametrize(
-    ("dataset", "model"),
-    [("mnist", "cnn2"), ("fashion_mnist", "mlp"), ("cifar10", "cnn3"), ("image_folder", "lenet")],
+    ("dataset", "model", "extra"),
+    [
+        ("mnist", "cnn2", []),
+        ("fashion_mnist", "mlp", ["optimizer=adamw", "scheduler=step"]),
+        ("cifar10", "cnn3", ["optimizer=sgd", "scheduler=cosine", "dataset.crop_padding=4", "label_smoothing=0.1"]),
+        ("image_folder", "lenet", []),
+    ],
+    ids=["mnist-cnn2", "fashion_mnist-mlp", "cifar10-cnn3", "image_folder-lenet"],
 )
-def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_path, dataset, model):
+def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_path, dataset, model, extra):
     class_names, test_counts = make_data(dataset, tmp_path / "data")
     run_dir = tmp_path / "run"
-    cfg = compose_cfg([*offline_dataset(dataset, tmp_path / "data"), f"model={model}", *FAST], run_dir)
+    cfg = compose_cfg([*offline_dataset(dataset, tmp_path / "data"), f"model={model}", *FAST, *extra], run_dir)
     result = train(cfg)
-    metrics = check_run(run_dir, result, class_names, test_counts)
+    metrics = check_run(run_dir, result, cfg.optimized_metric, class_names, test_counts)
     assert metrics["epochs"] == 1
 
 
@@ -144,9 +150,47 @@ def test_missing_data_is_a_data_error_before_training(compose_cfg, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_wrong_value_type_is_a_config_error_naming_the_key(compose_cfg, tmp_path):
+def test_unknown_optimized_metric_is_a_config_error_listing_the_choices(compose_cfg, tmp_path):
     from src.config import ConfigError
 
-    cfg = compose_cfg(["dataset=mnist", "model=mlp", *FAST, "trainer.max_epochs=abc"])
-    with pytest.raises(ConfigError, match=r"trainer\.max_epochs"):
+    write_idx(tmp_path / "data", n_train=40)
+    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, "optimized_metric=val/nope"])
+    with pytest.raises(ConfigError, match=r"val/nope.*test/acc"):
         train(cfg)
+
+
+def test_zero_epochs_tests_the_initial_weights(compose_cfg, tmp_path):
+    write_idx(tmp_path / "data", n_train=40)
+    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, "trainer.max_epochs=0"])
+    result = train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result == pytest.approx(metrics[cfg.optimized_metric])
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == len(UNEVEN_TEST_LABELS)
+    assert metrics["epochs"] == 0
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line_naming_the_file(compose_cfg, tmp_path):
+    from src.data import DataError
+    from src.train import one_line
+
+    write_image_folder(tmp_path / "data", train_per_class=6, test_per_class=None, mode="L", size=(28, 28))
+    bad = tmp_path / "data" / "train" / "dog" / "x.png"
+    bad.write_bytes(b"not a png at all" * 8)
+    overrides = [*offline_dataset("image_folder", tmp_path / "data"), "model=mlp", *FAST, "dataset.num_workers=1"]
+    with pytest.raises(DataError) as info:
+        train(compose_cfg(overrides))
+    message = one_line(info.value)
+    assert str(bad) in message and "Traceback" not in message and "\n" not in message
+
+
+def test_error_inside_instantiate_is_reported_as_one_line(compose_cfg, tmp_path):
+    from hydra.errors import InstantiationException
+
+    from src.train import one_line
+
+    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), *FAST, "dataset.val_fraction=1.5"])
+    with pytest.raises(InstantiationException) as info:
+        train(cfg)
+    message = one_line(info.value)
+    assert "val_fraction must be between 0 and 1" in message and "1.5" in message
+    assert "Error in call" not in message and "\n" not in message

@@ -13,7 +13,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 
@@ -143,11 +144,22 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.test_set = self.val_set if test is None else _Transformed(test, None, self.eval_transform())
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        """Samplers of our own (the trainer runs with use_distributed_sampler=false): the training order of
+        every epoch is a function of (seed, epoch) alone, so a resumed run sees the same batches; under DDP
+        each process gets its shard, and val/test images are each seen exactly once (no padding)."""
         assert dataset is not None, "call setup() first"
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if shuffle:
+            sampler: Sampler | None = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed)
+        else:
+            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            # Its own generator: creating an iterator draws a seed from it, which would otherwise shift the
+            # global RNG (and so the augmentation) differently in a resumed run.
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -160,3 +172,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+class ReseedEachEpoch(L.Callback):
+    """Seeds the global RNGs from (seed, epoch) at every epoch start, so augmentation and dropout of an
+    epoch do not depend on what ran before it: a run resumed from an epoch-end checkpoint repeats exactly
+    what the uninterrupted run did (with num_workers=0; worker processes draw their own seeds)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(self.seed + trainer.current_epoch + trainer.global_rank * 100_003, verbose=False)

@@ -1,0 +1,292 @@
+"""`python -m src.predict` end to end: a checkpoint from a real (tiny, one-epoch) training run, then the
+command in a subprocess on images of other sizes and modes, a folder, and unreadable files.
+
+Self-contained on purpose (no conftest fixtures): the tiny Fashion-MNIST IDX files are written here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from src.predict import PredictError, collect_images, load_image, per_channel, predict, to_tensor  # noqa: E402
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def write_fashion_idx(raw: Path, n_train: int = 64, n_test: int = 20) -> None:
+    """The four IDX files in torchvision's layout: class-dependent brightness plus noise."""
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = np.clip(rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19, 0, 255).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">ii", 2049, n) + labels.astype(np.uint8).tobytes()
+        )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train cnn2 for one epoch on 64 images, in-process, once for the whole module."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.train import train
+
+    root = tmp_path_factory.mktemp("fashion")
+    write_fashion_idx(root / "FashionMNIST" / "raw")
+    run = root / "run"
+    overrides = [
+        f"dataset.data_dir={root}",
+        "dataset.local_copies=[]",
+        "dataset.download=false",
+        "model=cnn2",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.accelerator=cpu",
+        "dataset.batch_size=16",
+        f"hydra.run.dir={run}",
+        f"paths.output_dir={run}",
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        train(cfg)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt
+
+
+def run_predict(ckpt: Path | str, images: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "src.predict", f"ckpt_path={ckpt}", f"images={images}", f"hydra.run.dir={out}"]
+    return subprocess.run([*command, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def compose_predict(*overrides: str) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
+
+
+def as_list(paths: Sequence[Path]) -> str:
+    return "[" + ",".join(str(p) for p in paths) + "]"
+
+
+def prediction_lines(stdout: str) -> dict[str, list[tuple[str, float]]]:
+    """`path: Class 97.1%, Class 2.0%, ...` -> {path: [(class, percent), ...]}."""
+    lines = {}
+    for line in stdout.splitlines():
+        if line.startswith("run directory:") or ": " not in line:
+            continue
+        path, ranked = line.split(": ", 1)
+        pairs = []
+        for item in ranked.split(", "):
+            name, percent = item.rsplit(" ", 1)
+            assert percent.endswith("%"), line
+            pairs.append((name, float(percent[:-1])))
+        lines[path] = pairs
+    return lines
+
+
+def check_outputs(out: Path, images: Sequence[Path], stdout: str, top_k: int = 3) -> list[dict]:
+    """One top-k line, one figure and one predictions.json entry per image, with sane probabilities."""
+    lines = prediction_lines(stdout)
+    assert list(lines) == [str(p) for p in images], stdout
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["image"] for p in predictions] == [str(p) for p in images]
+    for entry, (path, printed) in zip(predictions, lines.items(), strict=True):
+        assert len(printed) == top_k and len(entry["top_k"]) == top_k
+        names = [name for name, _ in entry["top_k"]]
+        probs = [p for _, p in entry["top_k"]]
+        assert names == [name for name, _ in printed], path
+        assert len(set(names)) == top_k and set(names) <= set(FASHION)
+        assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
+        assert sum(probs) <= 1.0 + 1e-4 and probs[0] >= 1.0 / len(FASHION) - 1e-6
+        for (_, percent), p in zip(printed, probs, strict=True):
+            assert percent == pytest.approx(100 * p, abs=0.051)
+        figure = out / entry["figure"]
+        assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(figure) as image:
+            assert image.width > 300 and image.height > 200
+    assert len(list(out.glob("*.png"))) == len(images)
+    return predictions
+
+
+def save(image: Image.Image, path: Path, **kwargs: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A random image of PIL `mode` and (width, height) `size`."""
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+# --- in-process: preprocessing ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [("L", (1, 28, 28)), ("RGB", (1, 28, 28)), ("RGBA", (1, 28, 28)), ("P", (3, 32, 24)), ("L", (3, 16, 16))],
+)
+def test_load_image_converts_to_the_model_input(tmp_path: Path, mode: str, shape: tuple[int, int, int]) -> None:
+    source = noise("RGB", (50, 40)).convert(mode) if mode != "L" else noise("L", (50, 40))
+    path = save(source, tmp_path / "image.png")
+    image = load_image(path, shape)
+    assert image.mode == ("L" if shape[0] == 1 else "RGB") and image.size == (shape[2], shape[1])
+    mean, std = per_channel([0.5], shape[0], "mean"), per_channel([0.25] * shape[0], shape[0], "std")
+    tensor = to_tensor(image, mean, std)
+    assert tensor.shape == shape and tensor.dtype == torch.float32
+    assert tensor.min() >= -2.0 - 1e-6 and tensor.max() <= 2.0 + 1e-6  # (x - 0.5) / 0.25 for x in [0, 1]
+
+
+def test_collect_images_folder_and_errors(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a.PNG", "c.webp", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.png").write_bytes(b"x")
+    assert [p.name for p in collect_images(str(tmp_path))] == ["a.PNG", "b.jpg", "c.webp"]
+    assert collect_images([str(tmp_path / "missing.png")]) == [tmp_path / "missing.png"]  # reported later, by name
+    with pytest.raises(PredictError, match="no images in folder"):
+        collect_images(str(_empty(tmp_path)))
+    with pytest.raises(PredictError, match="images is empty"):
+        collect_images([])
+    with pytest.raises(PredictError, match="2 values for 3 channels"):
+        per_channel([0.1, 0.2], 3, "mean")
+
+
+def _empty(tmp_path: Path) -> Path:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("no images here")
+    return folder
+
+
+# --- the command, in a subprocess as a user runs it ------------------------------------------------
+def test_predict_other_sizes_modes_and_unreadable_files(checkpoint: Path, tmp_path: Path) -> None:
+    """Gray PNG of another size, RGB JPEG, RGBA PNG, palette GIF are converted to 28x28 gray and predicted;
+    a corrupt, a missing and a truncated file each get one error line, and the exit status is 1."""
+    good = [
+        save(noise("L", (40, 50)), tmp_path / "in" / "gray.png"),
+        save(noise("RGB", (64, 48), seed=1), tmp_path / "in" / "photo.jpg", quality=90),
+        save(noise("RGBA", (28, 28), seed=2), tmp_path / "in" / "alpha.png"),
+        save(noise("RGB", (30, 20), seed=3).convert("P"), tmp_path / "in" / "palette.gif"),
+    ]
+    corrupt = tmp_path / "in" / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    truncated = tmp_path / "in" / "truncated.jpg"
+    truncated.write_bytes(good[1].read_bytes()[:300])
+    missing = tmp_path / "in" / "missing.png"
+    out = tmp_path / "out"
+    result = run_predict(checkpoint, as_list([good[0], corrupt, good[1], missing, good[2], truncated, good[3]]), out)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, result.stderr
+    assert errors[0].startswith(f"error: {corrupt}: ") and "not an image" in errors[0]
+    assert errors[1] == f"error: {missing}: file not found"
+    assert errors[2].startswith(f"error: {truncated}: ") and "truncated" in errors[2]
+    check_outputs(out, good, result.stdout)
+    assert f"run directory: {out}" in result.stdout
+
+
+def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """images=FOLDER: every image file in it, sorted; other files ignored; status 0; top_k honoured.
+    In-process (compose parses the overrides as the command line does) to spare an interpreter start-up."""
+    folder = tmp_path / "folder"
+    images = [
+        save(noise("L", (28, 28), seed=i), folder / name)
+        for i, name in enumerate(["b.png", "a.bmp", "c.jpeg", "a.png"])  # a.bmp and a.png share a stem
+    ]
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    status = predict(compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "top_k=5"), out)
+    captured = capsys.readouterr()
+    assert status == 0 and captured.err == ""
+    predictions = check_outputs(out, sorted(images), captured.out, top_k=5)
+    assert sorted(p["figure"] for p in predictions) == ["a-2.png", "a.png", "b.png", "c.png"]
+
+
+def test_predict_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    image = save(noise("L", (28, 28)), tmp_path / "x.png")
+    result = run_predict(tmp_path / "nope.ckpt", f"[{image}]", tmp_path / "out")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and result.stdout.strip() == ""
+    assert result.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}"
+
+
+# --- whole-command errors, in-process (no interpreter start-up per case) ------------------------------
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("garbage", "is not a readable checkpoint of this project"),
+        ("run_folder", "is a folder; give a .ckpt file, e.g. ckpt_path="),
+        ("empty_folder", "no images in folder"),
+        ("no_ckpt", "ckpt_path is required"),
+        ("top_k", "top_k must be a positive integer"),
+        ("device", "is not a torch device"),
+    ],
+)
+def test_predict_bad_options(checkpoint: Path, tmp_path: Path, case: str, expected: str) -> None:
+    image = save(noise("L", (28, 28)), tmp_path / "x.png")
+    overrides = {"ckpt_path": str(checkpoint), "images": f"[{image}]"}
+    extra: list[str] = []
+    if case == "garbage":
+        overrides["ckpt_path"] = str(tmp_path / "garbage.ckpt")
+        (tmp_path / "garbage.ckpt").write_bytes(b"definitely not a checkpoint")
+    elif case == "run_folder":
+        overrides["ckpt_path"] = str(checkpoint.parent.parent)
+    elif case == "empty_folder":
+        overrides["images"] = str(_empty(tmp_path))
+    elif case == "no_ckpt":
+        del overrides["ckpt_path"]
+    elif case == "top_k":
+        extra = ["top_k=0"]
+    else:
+        extra = ["device=gpu"]
+    cfg = compose_predict(*(f"{k}={v}" for k, v in overrides.items()), *extra)
+    with pytest.raises(PredictError, match=re.escape(expected)) as error:
+        predict(cfg, tmp_path / "out")
+    assert "\n" not in str(error.value)
+
+
+def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The printed top class is the model's own argmax on the normalized 28x28 tensor."""
+    from src.classifier import load_checkpoint
+
+    image = save(noise("RGB", (56, 56), seed=7), tmp_path / "big.png")
+    status = predict(compose_predict(f"ckpt_path={checkpoint}", f"images={image}", "top_k=20"), tmp_path / "out")
+    assert status == 0
+    module = load_checkpoint(checkpoint)
+    x = to_tensor(load_image(image, module.hparams.input_shape), module.hparams.mean, module.hparams.std)
+    with torch.no_grad():
+        probs = module(x.unsqueeze(0)).softmax(-1)[0]
+    entry = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
+    assert len(entry["top_k"]) == len(FASHION)  # top_k larger than the class count: all classes
+    assert sum(p for _, p in entry["top_k"]) == pytest.approx(1.0, abs=1e-4)
+    assert entry["top_k"][0] == [FASHION[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6)]
+    assert capsys.readouterr().out.startswith(f"{image}: {FASHION[int(probs.argmax())]} ")
