@@ -43,7 +43,8 @@ def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
 def _overrides(overrides_yaml: Path | list[str]) -> list[str]:
     """A run's overrides that define what it computes (not where it writes or whether it resumes)."""
     items = OmegaConf.load(overrides_yaml) if isinstance(overrides_yaml, Path) else overrides_yaml
-    return sorted(o for o in items if not o.lstrip("+~").startswith(("hydra.", "resume=", "ckpt_path=")))
+    ignored = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=")
+    return sorted(o for o in items if not o.lstrip("+~").startswith(ignored))
 
 
 def find_last_checkpoint(runs_root: Path, overrides: list[str]) -> Path:

@@ -220,12 +220,12 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m src.train ARGS` from the repository root, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "src.train", *args],
         cwd=REPO_ROOT,
-        env=cli_env(),
+        env={**cli_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,0 +1,17 @@
+"""A callback the resume test injects into a subprocess run (PYTHONPATH=tests) to die like a killed job."""
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillDuringEpoch(L.Callback):
+    """SIGKILL this process at the given batch of the given epoch: no cleanup, no final checkpoint."""
+
+    def __init__(self, epoch: int, batch: int = 1) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
+        if trainer.current_epoch == self.epoch and idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,186 @@
+"""What a run shows a reader (figures, untrained accuracy, HPARAMS), the seed experiments on small
+real-format data, `evaluate` reproducing a run, and resuming a killed run exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import (
+    FAST,
+    REPO_ROOT,
+    UNEVEN_TEST_LABELS,
+    offline_dataset,
+    run_cli,
+    write_cifar_batches,
+    write_idx,
+    write_image_folder,
+)
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict, read_write
+from PIL import Image
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+from src.evaluate import evaluate
+from src.train import train
+
+FIGURES = ("confusion_matrix", "test_predictions", "worst_misclassified", "train_batch")
+
+
+def tensorboard_tags(log_dir: Path) -> tuple[dict, list]:
+    events = EventMultiplexer()
+    events.AddRunsFromDirectory(str(log_dir))
+    events.Reload()
+    tags = {"images": [], "scalars": []}
+    for run in events.Runs():
+        for kind in tags:
+            tags[kind] += events.GetAccumulator(run).Tags()[kind]
+    return tags, list(events.PluginRunToTagToContent("hparams"))
+
+
+@pytest.fixture
+def fashion_run(compose_cfg, tmp_path):
+    write_idx(tmp_path / "data", n_train=80, gz=True)
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "data"), "model=cnn2", *FAST], run_dir)
+    train(cfg)
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_every_run_writes_figures_untrained_accuracy_and_hparams(fashion_run):
+    run_dir, metrics = fashion_run
+    for name in FIGURES:
+        with Image.open(run_dir / f"{name}.png") as image:
+            assert image.width > 100 and image.height > 100, name
+    assert 0.0 <= metrics["val/acc_untrained"] <= 1.0
+    assert metrics["num_parameters"] == 6930  # cnn2 on 28x28x1, 10 classes
+    tags, hparams_runs = tensorboard_tags(run_dir / "tensorboard")
+    assert set(FIGURES) <= set(tags["images"])
+    for scalar in ("train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_untrained", "test/acc"):
+        assert scalar in tags["scalars"], scalar
+    assert "hparams/test_acc" in tags["scalars"] and hparams_runs, "final metrics missing from the HPARAMS tab"
+
+
+@pytest.mark.parametrize("experiment", ["mnist_lenet_adam", "cifar_cnn3_sgd"])
+def test_mnist_and_cifar_experiments_run_on_small_real_format_data(compose_cfg, tmp_path, experiment):
+    data = tmp_path / "data"
+    if experiment.startswith("mnist"):
+        write_idx(data / "MNIST" / "raw", n_train=60)
+        dataset = "mnist"
+    else:
+        write_cifar_batches(data, per_batch=12)
+        dataset = "cifar10"
+    overrides = [f"experiment={experiment}", *offline_dataset(dataset, data), "trainer.max_epochs=1"]
+    cfg = compose_cfg([*overrides, "trainer.enable_progress_bar=false"], tmp_path / "run")
+    assert cfg.dataset.batch_size == (10 if dataset == "mnist" else 20)  # the seed's settings, not defaults
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == len(UNEVEN_TEST_LABELS)
+    if dataset == "mnist":
+        assert metrics["num_parameters"] == 60_074
+
+
+def test_changing_an_experiments_dataset_keeps_its_other_settings():
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cifar_cnn3_sgd", "dataset=image_folder", "dataset.data_dir=/x"])
+    assert cfg.dataset._target_.endswith("ImageFolderDataModule")
+    assert (cfg.dataset.batch_size, cfg.dataset.val_fraction, cfg.dataset.hflip, cfg.dataset.rotation) == (
+        20,
+        0.2,
+        True,
+        10.0,
+    )
+    assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.model._target_) == (0.01, 20, "src.models.cnn3.CNN3")
+
+
+def compose_evaluate(overrides: list[str], out: Path):
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_evaluate_reproduces_the_training_runs_test_metrics(fashion_run, tmp_path):
+    run_dir, trained = fashion_run
+    out = tmp_path / "evaluate"
+    cfg = compose_evaluate([f"ckpt_path={trained['best_checkpoint']}", "trainer.enable_progress_bar=false"], out)
+    metrics = evaluate(cfg)
+    assert metrics["test/acc"] == trained["test/acc"]
+    assert metrics["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-6)
+    assert metrics["test/confusion_matrix"] == trained["test/confusion_matrix"]
+    assert json.loads((out / "metrics.json").read_text())["test/acc"] == trained["test/acc"]
+    for name in ("confusion_matrix", "test_predictions", "worst_misclassified"):
+        assert (out / f"{name}.png").is_file(), name
+
+
+def test_evaluate_errors_are_one_line(fashion_run, tmp_path):
+    run_dir, trained = fashion_run
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("hello")
+    other_classes = write_image_folder(tmp_path / "other", classes=("a", "b"), train_per_class=4, test_per_class=2)
+    cases = [
+        [f"ckpt_path={tmp_path / 'missing.ckpt'}"],
+        [f"ckpt_path={not_a_checkpoint}"],
+        [f"ckpt_path={trained['best_checkpoint']}", f"dataset.data_dir={other_classes}"],
+    ]
+    for args in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "src.evaluate", *args, f"hydra.run.dir={tmp_path / 'e'}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "Traceback" not in output and output.count("error:") == 1, output
+
+
+def test_run_killed_during_epoch_3_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
+    """SIGKILL mid-epoch, resume from last.ckpt: same test metrics as never stopping (CPU, same seed)."""
+    write_idx(tmp_path / "data", n_train=120, gz=True)
+    common = [
+        *offline_dataset("fashion_mnist", tmp_path / "data"),
+        "model=cnn2",
+        "model.hidden=[16]",
+        "model.dropout=0.3",
+        "dataset.hflip=true",
+        "dataset.rotation=10",
+        *[o for o in FAST if not o.startswith("trainer.max_epochs")],
+        "trainer.max_epochs=4",
+    ]
+    train(compose_cfg(common, tmp_path / "full"))
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+    killed = tmp_path / "killed"
+    env = {"PYTHONPATH": str(REPO_ROOT / "tests")}
+    crash = ["+callbacks.kill._target_=crash.KillDuringEpoch", "+callbacks.kill.epoch=2"]
+    result = run_cli(*common, *crash, f"hydra.run.dir={killed}", env=env)
+    assert result.returncode == -9, result.stdout + result.stderr
+    assert not (killed / "metrics.json").exists()
+    assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")], "half-written file left"
+
+    resumed = run_cli(*common, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = json.loads((killed / "metrics.json").read_text())  # the resumed run continues in its own directory
+    assert after["epochs"] == full["epochs"] == 4
+    assert after["test/acc"] == full["test/acc"]
+    assert after["test/loss"] == full["test/loss"]
+
+
+def test_resume_true_finds_the_last_checkpoint_of_the_matching_run(tmp_path):
+    write_idx(tmp_path / "data", n_train=60, gz=True)
+    common = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=mlp", *FAST, f"paths.runs_root={tmp_path}"]
+    first = tmp_path / "runs" / "first"
+    assert run_cli(*common, f"hydra.run.dir={first}").returncode == 0
+    other = run_cli(*common, "resume=true", "model.hidden=[8]", f"hydra.run.dir={tmp_path / 'runs' / 'other'}")
+    assert other.returncode == 1 and "no run under" in other.stderr  # other overrides: not the same run
+    again = run_cli(*common, "resume=true", f"hydra.run.dir={tmp_path / 'runs' / 'again'}")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming from {first / 'checkpoints' / 'last.ckpt'}" in again.stdout + again.stderr
