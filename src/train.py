@@ -10,6 +10,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -109,8 +110,10 @@ def train(cfg: DictConfig) -> float:
     trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
-    report = next((c for c in trainer.callbacks if isinstance(c, MetricsReport)), None)
-    metrics = report.metrics if report else {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for callback in trainer.callbacks:  # metrics.json's content (on rank 0; the others keep the logged values)
+        if isinstance(callback, MetricsReport):
+            metrics.update(callback.metrics)
     if trainer.is_global_zero:
         print(format_table(metrics))
         print(f"run directory: {cfg.paths.output_dir}")

@@ -15,3 +15,11 @@ class KillDuringEpoch(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
         if trainer.current_epoch == self.epoch and idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaiseDuringEpoch(KillDuringEpoch):
+    """Raise (a crash Python sees) at the given batch of the given epoch."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
+        if trainer.current_epoch == self.epoch and idx == self.batch:
+            raise RuntimeError(f"simulated crash in epoch {self.epoch}")

@@ -1,0 +1,170 @@
+"""Results table of a sweep: every run with its overrides, status, best val loss, test accuracy, epochs and
+wall time, sorted by the optimized metric, plus mean/std over runs that differ only by `seed`.
+
+    python -m src.summarize outputs/multirun/2026-01-01/12-00-00-000000
+
+Also runs by itself: `SweepSummary` (a Hydra callback in conf/train.yaml) rewrites the table after every
+job of a sweep, so a crashed or interrupted sweep still has a table of what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from src.reports import write_atomic
+
+COLUMNS = ("run", "status", "overrides", "val/loss", "val/acc", "test/acc", "test/loss", "epochs", "wall_time_s")
+STATS = ("val/loss", "val/acc", "test/acc")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per run directory (a folder with `.hydra/overrides.yaml`) under `sweep_dir`."""
+    rows = []
+    for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
+        run_dir = overrides_file.parent.parent
+        overrides = [o for o in OmegaConf.load(overrides_file) if not str(o).startswith("hydra.")]
+        metrics, job = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "job_status.json")
+        status = job.get("status") or ("COMPLETED" if metrics else "FAILED")
+        row = {
+            "run": str(run_dir.relative_to(sweep_dir)),
+            "status": status,
+            "overrides": " ".join(overrides),
+            "error": job.get("error", ""),
+            "wall_time_s": round(job["wall_time_s"], 1) if "wall_time_s" in job else None,
+            "epochs": metrics.get("epochs"),
+        }
+        row.update({k: metrics.get(k) for k in COLUMNS if k.startswith(("val/", "test/"))})
+        rows.append(row)
+    return rows
+
+
+def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Best first by `metric` (ascending for losses, descending otherwise); failed runs last."""
+    sign = 1 if "loss" in metric else -1
+
+    def key(row: dict[str, Any]) -> tuple[int, float]:
+        value = row.get(metric)
+        return (0, sign * value) if isinstance(value, (int, float)) else (1, 0.0)
+
+    return sorted(rows, key=key)
+
+
+def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over completed runs whose overrides differ only by `seed=`."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "COMPLETED" and "seed=" in row["overrides"]:
+            rest = " ".join(o for o in row["overrides"].split() if not o.startswith("seed="))
+            groups.setdefault(rest, []).append(row)
+    table = []
+    for overrides, group in groups.items():
+        if len(group) < 2:
+            continue
+        entry: dict[str, Any] = {"overrides": overrides, "seeds": len(group)}
+        for key in STATS:
+            values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
+            entry[f"{key} mean"] = statistics.mean(values) if values else None
+            entry[f"{key} std"] = statistics.stdev(values) if len(values) > 1 else None
+        table.append(entry)
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def drop_common_overrides(rows: list[dict[str, Any]]) -> list[str]:
+    """Keep in each row only the overrides that vary across runs (what the sweep swept); return the rest."""
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:
+        row["overrides"] = " ".join(o for o in row["overrides"].split() if o not in common)
+    return sorted(common)
+
+
+def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
+    """Write summary.csv and summary.md into `sweep_dir`; return the Markdown."""
+    rows = sort_rows(collect(sweep_dir), metric)
+    common = drop_common_overrides(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(sweep_dir / "summary.csv", buffer.getvalue())
+    text = f"# Sweep {sweep_dir}\n\nEvery run: {' '.join(common) or '(no common overrides)'}\n"
+    text += f"Sorted by {metric}.\n\n" + markdown(rows, COLUMNS)
+    failed = [r for r in rows if r["status"] != "COMPLETED"]
+    if failed:
+        text += "\n\nFailed runs:\n" + "\n".join(f"- {r['run']} ({r['overrides']}): {r['error']}" for r in failed)
+    seeds = aggregate_seeds(rows)
+    if seeds:
+        columns = ["overrides", "seeds", *(f"{k} {s}" for k in STATS for s in ("mean", "std"))]
+        text += "\n\n## Over seeds\n\n" + markdown(seeds, columns)
+    write_atomic(sweep_dir / "summary.md", text + "\n")
+    return text
+
+
+class SweepSummary(Callback):
+    """Hydra callback: records each job's status and wall time (`job_status.json` in its run directory)
+    and, in a sweep, rewrites the sweep's summary table after every job."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        status = {"status": job_return.status.name, "wall_time_s": time.time() - getattr(self, "started", time.time())}
+        if job_return.status == JobStatus.FAILED:
+            from src.train import one_line  # the entry point's error formatting
+
+            status["error"] = one_line(job_return._return_value)
+        write_atomic(Path(config.hydra.runtime.output_dir) / "job_status.json", json.dumps(status) + "\n")
+        if config.hydra.mode == RunMode.MULTIRUN:
+            summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val/acc"))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            print(summarize(sweep_dir, config.get("optimized_metric", "val/acc")))
+            print(f"\nwritten: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Results table of a sweep directory (or any folder of runs).")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--metric", default="val/acc", help="sort by this metric (default: val/acc)")
+    args = parser.parse_args()
+    if not args.sweep_dir.is_dir():
+        parser.exit(1, f"error: {args.sweep_dir} is not a directory\n")
+    if not collect(args.sweep_dir):
+        parser.exit(1, f"error: no runs (folders with .hydra/overrides.yaml) under {args.sweep_dir}\n")
+    print(summarize(args.sweep_dir, args.metric))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Sweeps through the real CLI on tiny data: the results table (with a crashed run), `summarize`, Optuna,
+submitit_local, and DDP on two CPU processes counting every test image once."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST, REPO_ROOT, UNEVEN_TEST_LABELS, offline_dataset, run_cli, write_idx
+
+CRASH = ["+callbacks.crash._target_=crash.RaiseDuringEpoch", "+callbacks.crash.epoch=1", "+callbacks.crash.batch=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    write_idx(root, n_train=80, gz=True)
+    return root
+
+
+def tiny(data) -> list[str]:
+    return [*offline_dataset("fashion_mnist", data), *[o for o in FAST if not o.startswith("trainer.max_epochs")]]
+
+
+def test_sweep_writes_a_table_and_marks_the_crashed_run_failed(data, tmp_path):
+    sweep = tmp_path / "sweep"
+    # 2 models x 2 epoch counts; the crash callback fires in epoch 2, so the max_epochs=2 runs crash mid-way.
+    args = ["-m", *tiny(data), "model=mlp,cnn2", "trainer.max_epochs=1,2", *CRASH, f"hydra.sweep.dir={sweep}"]
+    result = run_cli(*args, env={"PYTHONPATH": str(REPO_ROOT / "tests")})
+    assert result.returncode == 1, result.stderr  # a failed run makes the sweep fail, after all runs
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+    status = {r["overrides"]: r["status"] for r in rows}
+    assert status == {
+        "model=mlp trainer.max_epochs=1": "COMPLETED",
+        "model=mlp trainer.max_epochs=2": "FAILED",
+        "model=cnn2 trainer.max_epochs=1": "COMPLETED",
+        "model=cnn2 trainer.max_epochs=2": "FAILED",
+    }
+    completed = [r for r in rows if r["status"] == "COMPLETED"]
+    assert [r["run"] for r in rows[:2]] == [r["run"] for r in completed], "completed runs first"
+    assert float(completed[0]["val/acc"]) >= float(completed[1]["val/acc"]), "sorted by val/acc"
+    assert all(r["test/acc"] and r["wall_time_s"] and r["epochs"] == "1" for r in completed)
+    assert "simulated crash in epoch 1" in (sweep / "summary.md").read_text()
+
+    again = subprocess.run(
+        [sys.executable, "-m", "src.summarize", str(sweep), "--metric", "val/loss"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "Sorted by val/loss" in again.stdout
+
+
+def test_runs_differing_only_by_seed_are_aggregated(data, tmp_path):
+    sweep = tmp_path / "seeds"
+    result = run_cli("-m", *tiny(data), "model=mlp", "trainer.max_epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    text = (sweep / "summary.md").read_text()
+    over_seeds = text.split("## Over seeds")[1]
+    assert "| 2 |" in over_seeds, over_seeds  # one group of two seeds, with mean and std
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(data, tmp_path):
+    sweep = tmp_path / "optuna"
+    args = ["-m", "hparams_search=fashion_mnist", *tiny(data), "trainer.max_epochs=1", "hydra.sweeper.n_trials=3"]
+    result = run_cli(*args, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "optimizer.lr" in best
+    assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 3
+
+
+def test_sweep_runs_through_submitit_local(data, tmp_path):
+    sweep = tmp_path / "submitit"
+    args = ["-m", "hydra/launcher=submitit_local", *tiny(data), "trainer.max_epochs=1", "model=mlp,cnn2"]
+    result = run_cli(*args, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["COMPLETED", "COMPLETED"]
+
+
+def test_ddp_on_two_cpu_processes_counts_every_test_image_once(data, tmp_path):
+    run_dir = tmp_path / "ddp"
+    args = [
+        *tiny(data),
+        "trainer.max_epochs=1",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = run_cli(*[a for a in args if a != "trainer.devices=1"])
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == len(UNEVEN_TEST_LABELS)
+    assert result.stdout.count("run directory:") == 1, "only rank 0 reports"
