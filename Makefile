@@ -5,7 +5,8 @@ FASHION_MNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
 .PHONY: train test lint clean-venv
 
 .venv/installed: pyproject.toml
-	python3 -m venv .venv
+	python3 -m venv .venv || (apt-get install -y -q python3-venv && python3 -m venv .venv) \
+	  || (echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)"; exit 1)
 	.venv/bin/pip install --quiet -e ".[dev]"
 	touch $@
 

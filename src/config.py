@@ -94,6 +94,19 @@ def _name(hint: Any) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first value whose type cannot fit its `_target_` parameter."""
+    missing = []
+    for key in cfg:  # `???` values left unset (Hydra's own node is not ours to check)
+        if key == "hydra":
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            missing.append(str(key))
+        elif isinstance(cfg._get_node(key), DictConfig):
+            missing += sorted(OmegaConf.missing_keys(cfg[key]))  # full keys, e.g. dataset.data_dir
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: set it on the command line ({missing[0]}=...)")
+    for key, kind in (("label_smoothing", float), ("resume", bool), ("optimized_metric", str)):
+        if key in cfg and not _accepts(kind, cfg[key]):
+            raise ConfigError(f"{key}={cfg[key]!r} has the wrong type: expected {kind.__name__}")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         raise ConfigError(f"seed={cfg.get('seed')!r} has the wrong type: expected int")
     _check_node(cfg, "")

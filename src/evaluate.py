@@ -35,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{list(module.hparams.class_names)}"
         )
     trainer = build_trainer(run_cfg, skip=("checkpoint", "train_batch_figure"))
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
     metrics = next(c.metrics for c in trainer.callbacks if hasattr(c, "metrics"))
     if trainer.is_global_zero:
         print(format_table(metrics))

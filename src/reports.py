@@ -30,9 +30,13 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed run never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
@@ -102,8 +106,8 @@ class MetricsReport(L.Callback):
         # The last validation is trainer.validate(ckpt_path="best"), so these describe the tested weights.
         self.val = val
 
-    @rank_zero_only
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Metrics on every rank (train() returns one on each); files and figures from rank 0 only."""
         results = pl_module.test_results
         test = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("test/loss", "test/acc")}
         checkpoint = trainer.checkpoint_callback
@@ -119,6 +123,8 @@ class MetricsReport(L.Callback):
             "epochs": trainer.current_epoch,
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
         }
+        if not trainer.is_global_zero:
+            return
         write_atomic(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
 
         names = self.metrics["class_names"]

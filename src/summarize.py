@@ -39,11 +39,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per run directory (a folder with `.hydra/overrides.yaml`) under `sweep_dir`."""
     rows = []
-    for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
+
+    def natural(path: Path) -> list[Any]:  # runs 2 before 10
+        return [int(part) if part.isdigit() else part for part in path.parts]
+
+    for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=natural):
         run_dir = overrides_file.parent.parent
         overrides = [o for o in OmegaConf.load(overrides_file) if not str(o).startswith("hydra.")]
         metrics, job = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "job_status.json")
-        status = job.get("status") or ("COMPLETED" if metrics else "FAILED")
+        status = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")  # running, or killed
         row = {
             "run": str(run_dir.relative_to(sweep_dir)),
             "status": status,

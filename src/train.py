@@ -14,11 +14,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from src.classifier import ClassifierModule
 from src.config import ConfigError, validate
@@ -72,6 +74,14 @@ def resume_from(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.ckpt_path)
     if not checkpoint.is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("config")
+    for section in ("model", "dataset"):
+        if saved and OmegaConf.to_container(cfg[section]).get("_target_") != saved[section].get("_target_"):
+            raise ConfigError(
+                f"ckpt_path={checkpoint} was trained with another {section} ({saved[section]['_target_']})"
+            )
+    if saved and OmegaConf.to_container(cfg.model) != saved["model"]:
+        raise ConfigError(f"ckpt_path={checkpoint} was trained with model settings {saved['model']}; use the same")
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
         cfg.paths.output_dir = str(run_dir)
@@ -130,13 +140,15 @@ def one_line(error: Exception) -> str:
     if isinstance(error, InstantiationException) and error.__cause__ is not None:
         key = str(error).strip().splitlines()[-1].removeprefix("full_key: ")
         return f"{key}: {one_line(error.__cause__)}"
+    if isinstance(error, MissingMandatoryValue):
+        return f"{error.full_key} is required: set it on the command line ({error.full_key}=...)"
     text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
     for prefix in ("DataError: ", "ConfigError: ", "ValueError: "):
         text = text.split(prefix, 1)[-1]
     return text
 
 
-USER_ERRORS = (ConfigError, DataError, InstantiationException, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DataError, InstantiationException, FileNotFoundError, ValueError, MissingMandatoryValue)
 
 
 def exit_on_user_error(error: Exception) -> None:
@@ -152,7 +164,7 @@ def exit_on_user_error(error: Exception) -> None:
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)
-    except (ConfigError, DataError, InstantiationException) as e:
+    except USER_ERRORS as e:
         exit_on_user_error(e)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -183,4 +184,6 @@ class ReseedEachEpoch(L.Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        L.seed_everything(self.seed + trainer.current_epoch + trainer.global_rank * 100_003, verbose=False)
+        # A hash of (seed, epoch, rank): seed 1 in epoch 0 must not replay seed 0 in epoch 1.
+        entropy = np.random.SeedSequence([self.seed, trainer.current_epoch, trainer.global_rank])
+        L.seed_everything(int(entropy.generate_state(1)[0]), workers=True, verbose=False)

@@ -6,14 +6,14 @@ from torch import nn
 
 class CNN3(nn.Module):
     """The CIFAR-10 seed's CNN: three padded 3x3 conv + 2x2 max-pool blocks (16-32-64 channels), then
-    dropout, a 500-unit hidden layer, dropout and the output layer."""
+    dropout, a 500-unit hidden layer (`hidden`: a width or a list of widths), dropout and the output layer."""
 
     def __init__(
         self,
         input_shape: Sequence[int],
         num_classes: int,
         channels: Sequence[int] = (16, 32, 64),
-        hidden: int = 500,
+        hidden: int | Sequence[int] = 500,
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
@@ -25,13 +25,11 @@ class CNN3(nn.Module):
         self.features = nn.Sequential(*layers, nn.Flatten())
         with torch.no_grad():
             flat = self.features(torch.zeros(1, *input_shape)).shape[1]
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(flat, hidden),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
+        layers = [nn.Dropout(dropout)]
+        for width in [hidden] if isinstance(hidden, int) else hidden:  # an int or a list, as for the other models
+            layers += [nn.Linear(flat, width), nn.ReLU(), nn.Dropout(dropout)]
+            flat = width
+        self.classifier = nn.Sequential(*layers, nn.Linear(flat, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
