@@ -97,9 +97,7 @@ class ClassifierModule(L.LightningModule):
         optimizer = self.optimizer(params=self.parameters())
         if self.scheduler is None:
             return optimizer
-        scheduler = self.scheduler(optimizer=optimizer)
-        interval = "step" if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) else "epoch"
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}  # stepped per epoch
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
