@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.classifier import load_checkpoint
 from src.data import DataError
-from src.reports import format_table
+from src.reports import final_metrics, format_table
 from src.train import USER_ERRORS, build_trainer, exit_on_user_error
 
 
@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     trainer = build_trainer(run_cfg, skip=("checkpoint", "train_batch_figure"))
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
-    metrics = next(c.metrics for c in trainer.callbacks if hasattr(c, "metrics"))
+    metrics = final_metrics(trainer)
     if trainer.is_global_zero:
         print(format_table(metrics))
         print(f"run directory: {run_cfg.paths.output_dir}")

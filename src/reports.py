@@ -48,6 +48,15 @@ def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) 
     return "\n".join([line, *(f"{k:<{width}}{v:>10}" for k, v in rows), line])
 
 
+def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
+    """What a finished run reports: the logged values, overlaid with MetricsReport's metrics.json content."""
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for callback in trainer.callbacks:
+        if isinstance(callback, MetricsReport):
+            metrics.update(callback.metrics)
+    return metrics
+
+
 def save_figure(fig: plt.Figure, trainer: L.Trainer, output_dir: Path, name: str) -> None:
     """PNG in the run directory and an image in TensorBoard (tag = name)."""
     output_dir.mkdir(parents=True, exist_ok=True)

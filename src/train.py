@@ -10,11 +10,9 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -22,10 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from src.classifier import ClassifierModule
+from src.classifier import ClassifierModule, checkpoint_hparams
 from src.config import ConfigError, validate
 from src.data import DataError
-from src.reports import MetricsReport, format_table
+from src.reports import final_metrics, format_table
 
 log = logging.getLogger(__name__)
 # In-process loading (num_workers=0) is the measured fastest on small CPU machines; don't nag about it.
@@ -74,14 +72,11 @@ def resume_from(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.ckpt_path)
     if not checkpoint.is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("config")
-    for section in ("model", "dataset"):
-        if saved and OmegaConf.to_container(cfg[section]).get("_target_") != saved[section].get("_target_"):
-            raise ConfigError(
-                f"ckpt_path={checkpoint} was trained with another {section} ({saved[section]['_target_']})"
-            )
-    if saved and OmegaConf.to_container(cfg.model) != saved["model"]:
-        raise ConfigError(f"ckpt_path={checkpoint} was trained with model settings {saved['model']}; use the same")
+    saved = checkpoint_hparams(checkpoint)["config"]
+    if cfg.dataset._target_ != saved["dataset"]["_target_"]:
+        raise ConfigError(f"ckpt_path={checkpoint} was trained on another dataset ({saved['dataset']['_target_']})")
+    if OmegaConf.to_container(cfg.model) != saved["model"]:
+        raise ConfigError(f"ckpt_path={checkpoint} was trained with the model {saved['model']}; use the same")
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
         cfg.paths.output_dir = str(run_dir)
@@ -120,10 +115,7 @@ def train(cfg: DictConfig) -> float:
     trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
 
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    for callback in trainer.callbacks:  # metrics.json's content (on rank 0; the others keep the logged values)
-        if isinstance(callback, MetricsReport):
-            metrics.update(callback.metrics)
+    metrics = final_metrics(trainer)
     if trainer.is_global_zero:
         print(format_table(metrics))
         print(f"run directory: {cfg.paths.output_dir}")
