@@ -4,6 +4,7 @@ and input shape arrive as arguments and are saved in the checkpoint, so a checkp
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,26 +28,35 @@ class ClassifierModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         label_smoothing: float = 0.0,
+        channels_last: bool = True,
         config: dict | None = None,
     ) -> None:
-        """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
-        `config` is the composed run config, kept in the checkpoint so evaluate/predict can rebuild the run."""
+        """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters; a
+        scheduler that takes `total_steps` (OneCycleLR) gets the run's and is stepped every batch, others
+        every epoch. `channels_last` stores images and conv weights as NHWC, which oneDNN and cuDNN convolve
+        faster (3x for cnn2 on a 2-core CPU). `config` is the composed run config, kept in the checkpoint so
+        evaluate/predict can rebuild the run."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
-        self.net = net
+        self.channels_last = channels_last
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
-        self.train_acc = MulticlassAccuracy(n, average="micro")
+        # validate_args=False: the checks read values back from the device, a host sync on every step.
+        self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
         accuracy = {
-            "acc": MulticlassAccuracy(n, average="micro"),
-            "acc_per_class": MulticlassAccuracy(n, average="none"),
+            "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
+            "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
         }
         self.eval_metrics = nn.ModuleDict({stage: MetricCollection(accuracy).clone() for stage in ("val", "test")})
-        self.confmats = nn.ModuleDict({stage: MulticlassConfusionMatrix(n) for stage in ("val", "test")})
+        confmat = MulticlassConfusionMatrix(n, validate_args=False)
+        self.confmats = nn.ModuleDict({stage: confmat.clone() for stage in ("val", "test")})
         self.test_results: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -97,7 +107,12 @@ class ClassifierModule(L.LightningModule):
         optimizer = self.optimizer(params=self.parameters())
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}  # stepped per epoch
+        if "total_steps" in inspect.signature(self.scheduler).parameters:
+            given = getattr(self.scheduler, "keywords", {})
+            total = {} if "total_steps" in given else {"total_steps": self.trainer.estimated_stepping_batches}
+            scheduler = self.scheduler(optimizer=optimizer, **total)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
 
 
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:

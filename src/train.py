@@ -104,6 +104,7 @@ def train(cfg: DictConfig) -> float:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         label_smoothing=cfg.label_smoothing,
+        channels_last=cfg.channels_last,
         config=run_config,
     )
     trainer = build_trainer(cfg)

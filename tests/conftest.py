@@ -180,6 +180,12 @@ FAST = [
 ]
 
 
+def model_batch(datamodule, loader) -> tuple:
+    """The first batch of `loader` as the model receives it: the in-memory path normalizes (and, in
+    training, augments) uint8 batches after the device transfer, in `on_after_batch_transfer`."""
+    return datamodule.on_after_batch_transfer(next(iter(loader)), 0)
+
+
 def offline_dataset(dataset: str, data_dir: Path) -> list[str]:
     """Overrides that keep a dataset away from the network and any shared copy."""
     overrides = [f"dataset={dataset}", f"dataset.data_dir={data_dir}"]

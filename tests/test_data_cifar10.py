@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR_CLASSES, UNEVEN_TEST_LABELS, write_cifar_batches
+from conftest import CIFAR_CLASSES, UNEVEN_TEST_LABELS, model_batch, write_cifar_batches
 
 from src.data import DataError
 from src.data.cifar10 import CIFAR10DataModule
@@ -33,7 +33,7 @@ def test_cifar10_small_batches_load_with_shapes_and_class_names(tmp_path):
     assert dm.input_shape == (3, 32, 32)
     assert dm.class_names == CIFAR_CLASSES
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (48, 12, len(UNEVEN_TEST_LABELS))
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = model_batch(dm, dm.train_dataloader())
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
     assert y.dtype == torch.int64
 

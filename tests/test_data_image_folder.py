@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_image, write_image_folder
+from conftest import model_batch, write_image, write_image_folder
 
 from src.data import DataError
 from src.data.image_folder import ImageFolderDataModule
@@ -34,7 +34,7 @@ def test_grayscale_image_folder_stays_one_channel(tmp_path):
     assert dm.class_names == ["cat", "dog", "fox"]
     assert dm.input_shape == (1, 28, 28)
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (48, 12, 24)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = model_batch(dm, dm.train_dataloader())
     assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
     assert y.dtype == torch.int64 and int(y.max()) < 3
 
@@ -103,23 +103,29 @@ def test_image_folder_with_no_images_is_a_data_error(tmp_path):
         ready(folder(tmp_path), "fit")
 
 
-def test_unreadable_image_is_a_data_error_naming_the_file_when_loaded(tmp_path):
+def load_everything(data_dir, in_memory: bool) -> None:
+    """The in-memory path decodes every image in setup; the per-sample path when each item is read."""
+    dm = ready(folder(data_dir, in_memory=in_memory))
+    every_item(dm)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_unreadable_image_is_a_data_error_naming_the_file(tmp_path, in_memory):
     write_image_folder(tmp_path, train_per_class=8, test_per_class=2)
     bad = tmp_path / "train" / "dog" / "x.png"
     bad.write_bytes(b"\x89PNG garbage bytes, not an image" * 4)
-    dm = ready(folder(tmp_path))  # lazily loaded: setup reads only the first image
     with pytest.raises(DataError) as info:
-        every_item(dm)
+        load_everything(tmp_path, in_memory)
     assert str(bad) in str(info.value)
 
 
-def test_truncated_image_is_a_data_error_naming_the_file(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_truncated_image_is_a_data_error_naming_the_file(tmp_path, in_memory):
     write_image_folder(tmp_path, train_per_class=8, test_per_class=2, mode="RGB")
     bad = tmp_path / "test" / "cat" / "img000.png"
     bad.write_bytes(bad.read_bytes()[:60])
-    dm = ready(folder(tmp_path))
     with pytest.raises(DataError) as info:
-        every_item(dm)
+        load_everything(tmp_path, in_memory)
     assert str(bad) in str(info.value)
 
 

@@ -14,6 +14,7 @@ from conftest import (
     class_images,
     idx_images_bytes,
     idx_labels_bytes,
+    model_batch,
     write_idx,
 )
 
@@ -39,14 +40,15 @@ def ready(dm, stage: str | None = None):
 
 
 # --- MNIST / Fashion-MNIST -------------------------------------------------------------------------------
-def test_fashion_mnist_batch_shapes_dtypes_and_split_sizes(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_fashion_mnist_batch_shapes_dtypes_and_split_sizes(tmp_path, in_memory):
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
-    dm = ready(fashion(tmp_path, val_fraction=0.25))
+    dm = ready(fashion(tmp_path, val_fraction=0.25, in_memory=in_memory))
     assert dm.input_shape == (1, 28, 28)
     assert dm.num_classes == 10
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (60, 20, len(UNEVEN_TEST_LABELS))
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
-        x, y = next(iter(loader))
+        x, y = model_batch(dm, loader)
         assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
         assert y.shape == (16,) and y.dtype == torch.int64
         assert 0 <= int(y.min()) and int(y.max()) < 10
@@ -73,13 +75,14 @@ def test_labels_survive_loading(tmp_path):
     assert sorted(dm.test_set[i][1] for i in range(len(dm.test_set))) == sorted(UNEVEN_TEST_LABELS)
 
 
-def test_pixels_are_scaled_and_normalized_with_mean_and_std(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_pixels_are_scaled_and_normalized_with_mean_and_std(tmp_path, in_memory):
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=40)
-    dm = ready(fashion(tmp_path, mean=[0.2], std=[0.4]))
+    dm = ready(fashion(tmp_path, mean=[0.2], std=[0.4], in_memory=in_memory))
     expected = (torch.from_numpy(class_images(UNEVEN_TEST_LABELS, (28, 28), seed=2)[5]) / 255.0 - 0.2) / 0.4
-    image, label = dm.test_set[5]
-    assert label == UNEVEN_TEST_LABELS[5]
-    torch.testing.assert_close(image[0], expected.float())
+    images, labels = model_batch(dm, dm.test_dataloader())
+    assert int(labels[5]) == UNEVEN_TEST_LABELS[5]
+    torch.testing.assert_close(images[5, 0], expected.float())
 
 
 def test_flat_gzipped_idx_folder_is_found_and_staged(tmp_path):
@@ -195,7 +198,7 @@ def test_same_seed_gives_same_split_and_different_seed_a_different_one(tmp_path)
 
     def val_indices(seed: int) -> list[int]:
         torch.manual_seed(seed + 1000)  # the global RNG must not matter
-        return ready(fashion(tmp_path, seed=seed), "fit").val_set.indices
+        return [int(i) for i in ready(fashion(tmp_path, seed=seed), "fit").val_set.indices]
 
     first = val_indices(7)
     assert val_indices(7) == first

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
@@ -93,6 +94,16 @@ class CIFAR10DataModule(ImageClassificationDataModule):
                 if rows == OFFICIAL_BATCH_SIZE:
                     raise DataError(f"{path} fails its MD5 check (corrupt official batch); replace it")
             self._verified.add(path)
+
+    def source_files(self, train: bool) -> list[Path]:
+        self.prepare_data()
+        folder = self.batches_dir()
+        assert folder is not None
+        files = [n for n, _ in (datasets.CIFAR10.train_list if train else datasets.CIFAR10.test_list)]
+        return [folder / name for name in [*files, datasets.CIFAR10.meta["filename"]]]
+
+    def decode(self, dataset: datasets.CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
 
     def load(self, train: bool) -> datasets.CIFAR10:
         self.prepare_data()

@@ -1,13 +1,20 @@
-"""What every datamodule shares: the seeded train/val split, transforms, loaders and clear data errors.
+"""What every datamodule shares: the seeded train/val split, the two data paths, loaders and clear errors.
 
-A subclass only says where its images come from (`load`); everything a model needs to build itself
-(`input_shape`, `class_names`) is read from the data, never hard-coded.
+A subclass only says where its images come from (`source_files`, `load`, and a fast `decode` where it has
+one); everything a model needs to build itself (`input_shape`, `class_names`) is read from the data, never
+hard-coded. Two paths serve the same batches:
+- in memory (the default where the data fits): each split decoded once into a cached uint8 tensor, batches
+  sliced from it, normalized and augmented on the training device (`in_memory.py`, `batch_augment.py`);
+- per sample (`dataset.in_memory=false`, for image folders too big for memory): torchvision transforms on
+  every PIL image, in DataLoader workers if `num_workers` > 0.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +22,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision import transforms as T
+
+from src.data.batch_augment import BatchAugment
+from src.data.in_memory import SlicedBatches, TensorImages, available_memory, cached_tensors, fingerprint, keep_batch
+
+log = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -72,8 +84,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         hflip: bool = False,
         rotation: float = 0.0,
         crop_padding: int = 0,
+        in_memory: bool | str = "auto",
     ) -> None:
+        """`in_memory`: true, false, or "auto" (in memory when the decoded images take under half the
+        available RAM)."""
         super().__init__()
+        if in_memory not in (True, False, "auto"):
+            raise DataError(f"dataset.in_memory must be true, false or auto, got {in_memory!r}")
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"dataset.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         if batch_size < 1:
@@ -83,6 +100,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.val_fraction, self.seed = val_fraction, seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.hflip, self.rotation, self.crop_padding = hflip, rotation, crop_padding
+        self.in_memory = in_memory
+        self.augment: BatchAugment | None = None  # set by setup() on the in-memory path
+        self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
         self.has_test_split = True
@@ -91,8 +111,37 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
 
     # --- what subclasses provide -------------------------------------------------------------------
-    def load(self, train: bool) -> Dataset:
+    def load(self, train: bool) -> Dataset | None:
+        """The split as (PIL image, label) pairs; None when the data has no such split (no test set)."""
         raise NotImplementedError
+
+    def source_files(self, train: bool) -> list[Path] | None:
+        """The files a split is read from (after prepare_data); the cache is rebuilt when any changes."""
+        raise NotImplementedError
+
+    def decode(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images (N, C, H, W), int64 labels) of a `load()`ed split. This default decodes every
+        image through PIL (threads: decoding releases the GIL); datasets stored as arrays override it."""
+        resize = T.Compose(self.resize())
+
+        def pixels(i: int) -> tuple[np.ndarray, int]:
+            image, label = dataset[i]
+            array = np.asarray(resize(image), dtype=np.uint8)
+            return (array[:, :, None] if array.ndim == 2 else array), int(label)
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            arrays, labels = zip(*pool.map(pixels, range(len(dataset)), chunksize=256), strict=True)
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(labels, dtype=torch.long)
+
+    def decode_options(self) -> tuple:
+        """Settings that change the decoded tensors (part of the cache key besides the files)."""
+        return ()
+
+    def decoded_bytes(self) -> int:
+        """What the decoded training and test images take in memory, estimated before decoding them."""
+        files = [f for train in (True, False) for f in self.source_files(train) or []]
+        return sum(f.stat().st_size for f in files if f.is_file())  # a missing one is reported when read
 
     # --- shared ------------------------------------------------------------------------------------
     @property
@@ -134,7 +183,42 @@ class ImageClassificationDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return order[n_val:], order[:n_val]
 
+    def memory_path(self) -> bool:
+        """Whether to use the in-memory path (decided once, by `in_memory` and the available RAM)."""
+        if not hasattr(self, "_memory_path"):
+            self._memory_path = self.in_memory is True
+            if self.in_memory == "auto":
+                need, free = self.decoded_bytes(), available_memory(torch.device("cpu"))
+                self._memory_path = need < free / 2
+                if not self._memory_path:
+                    log.warning("decoded images (%.1f GB) exceed half the free RAM: per-sample loading", need / 1e9)
+        return self._memory_path
+
+    def cache_dir(self) -> Path:
+        return self.data_dir / ".cache"
+
+    def tensors(self, train: bool) -> dict[str, Any] | None:
+        """A split decoded to uint8 tensors: from the cache while its source files are unchanged."""
+        files = self.source_files(train)
+        if files is None:
+            return None
+        split = "train" if train else "test"
+        name = f"{type(self).__name__}-{split}"
+
+        def build() -> dict[str, Any]:
+            log.info("decoding %s images to a uint8 cache in %s", name, self.cache_dir())
+            dataset = self.load(train)
+            images, labels = self.decode(dataset)
+            class_names = list(getattr(dataset, "classes", self.class_names))
+            return {"images": images, "labels": labels, "class_names": class_names}
+
+        key = fingerprint(files, name, self.decode_options())
+        return cached_tensors(self.cache_dir(), name, key, build)
+
     def setup(self, stage: str | None = None) -> None:
+        if self.memory_path():
+            self._setup_in_memory(stage)
+            return
         if self.train_set is None:
             base = self.load(train=True)
             train_idx, val_idx = self.split_indices(len(base))
@@ -143,6 +227,31 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self.test_set is None and stage in (None, "test", "predict"):
             test = self.load(train=False) if self.has_test_split else None
             self.test_set = self.val_set if test is None else _Transformed(test, None, self.eval_transform())
+
+    def _setup_in_memory(self, stage: str | None) -> None:
+        if self.train_set is None:
+            train = self.tensors(train=True)
+            images, labels = train["images"], train["labels"]
+            self.class_names, self.input_shape = list(train["class_names"]), tuple(images.shape[1:])
+            train_idx, val_idx = self.split_indices(len(labels))
+            self.train_set = TensorImages(images, labels, train_idx)
+            self.val_set = TensorImages(images, labels, val_idx)
+            self.augment = BatchAugment(*self.normalization(), self.crop_padding, self.hflip, self.rotation)
+        if self.test_set is None and stage in (None, "test", "predict"):
+            test = self.tensors(train=False)
+            if test is None:
+                self.test_set = self.val_set
+            elif list(test["class_names"]) != self.class_names:
+                raise DataError(f"the test split has classes {test['class_names']} but train has {self.class_names}")
+            else:
+                self.test_set = TensorImages(test["images"], test["labels"])
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """In-memory batches arrive as uint8: normalize (and augment, in training) them on their device."""
+        images, labels = batch
+        if images.dtype != torch.uint8 or self.augment is None:
+            return batch
+        return self.augment(images, train=self.trainer is not None and self.trainer.training), labels
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         """Samplers of our own (the trainer runs with use_distributed_sampler=false): the training order of
@@ -154,13 +263,25 @@ class ImageClassificationDataModule(L.LightningDataModule):
             sampler: Sampler | None = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed)
         else:
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        # Its own generator: creating an iterator draws a seed from it, which would otherwise shift the
+        # global RNG (and so the augmentation) differently in a resumed run.
+        generator = torch.Generator().manual_seed(self.seed)
+        if isinstance(dataset, TensorImages):
+            device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+            if device.type != "cpu" and dataset.images.nbytes < available_memory(device) / 2:
+                dataset = dataset.to(device, self._on_device)  # else batches are sliced on the host
+            batches = SlicedBatches(sampler or SequentialSampler(dataset), self.batch_size, dataset.images.device)
+            return DataLoader(
+                dataset,
+                batch_sampler=batches,
+                collate_fn=keep_batch,
+                generator=generator,
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            # Its own generator: creating an iterator draws a seed from it, which would otherwise shift the
-            # global RNG (and so the augmentation) differently in a resumed run.
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

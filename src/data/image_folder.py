@@ -46,6 +46,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         super().__init__(**kwargs)
         self.size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
         self.mode: str | None = None
+        self._scans: dict[bool, datasets.ImageFolder | None] = {}
 
     def _folder(self, split: str) -> Path:
         return self.data_dir / split
@@ -58,25 +59,51 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                 "DIR/train/<class>/ holds the images (and optionally DIR/test/<class>/)"
             )
 
-    def load(self, train: bool) -> datasets.ImageFolder | None:
+    def _scan(self, train: bool) -> datasets.ImageFolder | None:
+        """The split's file list (None without a test/ folder: the val split is tested instead), listed once."""
+        if train in self._scans:
+            return self._scans[train]
         self.prepare_data()
-        split = "train" if train else "test"
-        folder = self._folder(split)
+        folder = self._folder("train" if train else "test")
         if not train and not folder.is_dir():
-            log.warning("%s has no test/ folder: testing on the validation split", self.data_dir)
+            if self.has_test_split:
+                log.warning("%s has no test/ folder: testing on the validation split", self.data_dir)
             self.has_test_split = False
             return None
         try:
-            dataset = datasets.ImageFolder(str(folder), loader=open_image, is_valid_file=_is_image)
+            self._scans[train] = datasets.ImageFolder(str(folder), loader=open_image, is_valid_file=_is_image)
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"no images in {folder}: expected {folder}/<class>/*.png|jpg ({e})") from e
+        return self._scans[train]
+
+    def source_files(self, train: bool) -> list[Path] | None:
+        dataset = self._scan(train)
+        return None if dataset is None else [Path(path) for path, _ in dataset.samples]
+
+    def decode_options(self) -> tuple:
+        return (self.size,)
+
+    def decoded_bytes(self) -> int:
+        """Image count times the first training image's size (or `size`) in RGB."""
+        files = [f for train in (True, False) for f in self.source_files(train) or []]
+        first = open_image(files[0])
+        height, width = self.size or (first.height, first.width)
+        return len(files) * 3 * height * width
+
+    def load(self, train: bool) -> datasets.ImageFolder | None:
+        dataset = self._scan(train)
+        if dataset is None:
+            return None
+        folder = self._folder("train" if train else "test")
         if train:
             self.class_names = list(dataset.classes)
             first = open_image(dataset.samples[0][0])
             self.mode = first.mode
             height, width = self.size or (first.height, first.width)
             self.input_shape = (1 if self.mode == "L" else 3, height, width)
-        elif dataset.classes != self.class_names:
+        elif self.mode is None:  # train came from the in-memory cache: its channels decide
+            self.mode = "L" if self.input_shape[0] == 1 else "RGB"
+        if not train and dataset.classes != self.class_names:
             raise DataError(
                 f"{folder} has classes {dataset.classes} but train/ has {self.class_names}; they must match"
             )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -101,6 +102,14 @@ class MNISTDataModule(ImageClassificationDataModule):
             )
         self.input_shape = (1, *dataset.data.shape[1:])
         return dataset
+
+    def source_files(self, train: bool) -> list[Path]:
+        self.prepare_data()
+        prefix = "train" if train else "t10k"
+        return [self.raw_dir / f"{prefix}-images-idx3-ubyte", self.raw_dir / f"{prefix}-labels-idx1-ubyte"]
+
+    def decode(self, dataset: datasets.MNIST) -> tuple[torch.Tensor, torch.Tensor]:
+        return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
 
     def _bad_file(self, train: bool) -> Path:
         prefix = "train" if train else "t10k"

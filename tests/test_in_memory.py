@@ -1,0 +1,125 @@
+"""The in-memory data path: batch augmentation with the per-sample semantics, the uint8 cache, and the
+same batches (order, DDP shards, pixels) as the per-sample path."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import model_batch, write_idx, write_image, write_image_folder
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from src.data.batch_augment import BatchAugment, random_crop, random_hflip, rotate
+from src.data.image_folder import ImageFolderDataModule
+from src.data.mnist import FashionMNISTDataModule
+
+
+def fashion(data_dir, **kwargs) -> FashionMNISTDataModule:
+    options = {"local_copies": [], "download": False, "batch_size": 16, "num_workers": 0, **kwargs}
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), **options)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image_and_uses_every_offset():
+    images = torch.randint(1, 256, (400, 3, 8, 6), dtype=torch.uint8)
+    out = random_crop(images, padding=2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(images)):
+        windows = [(top, left) for top in range(5) for left in range(5)]
+        found = [(t, x) for t, x in windows if torch.equal(out[i], padded[i, :, t : t + 8, x : x + 6])]
+        assert found, f"image {i} is not a crop of its padded image"
+        offsets.add(found[0])
+    assert len(offsets) == 25  # all (2 * padding + 1) ** 2 windows are drawn
+
+
+def test_horizontal_flip_mirrors_about_half_the_images_and_nothing_else():
+    images = torch.randint(0, 256, (1000, 1, 5, 5), dtype=torch.uint8)
+    out = random_hflip(images)
+    pairs = list(zip(out, images, strict=True))
+    flipped = torch.tensor([torch.equal(o, i.flip(2)) and not torch.equal(o, i) for o, i in pairs])
+    kept = torch.tensor([torch.equal(o, i) for o, i in pairs])
+    assert bool((flipped | kept).all())
+    assert 400 < int(flipped.sum()) < 600
+
+
+@pytest.mark.parametrize("angle", [-29.7, 7.5, 90.0])
+def test_rotation_matches_torchvision_rotate_with_nearest_interpolation(angle):
+    images = torch.randint(1, 256, (2, 3, 32, 24)).float()
+    expected = TF.rotate(images, angle, interpolation=InterpolationMode.NEAREST)
+    torch.testing.assert_close(rotate(images, torch.full((2,), angle)), expected)
+
+
+def test_augmentation_runs_only_in_training_and_normalizes_like_normalize():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    augment = BatchAugment(mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.2), crop_padding=2, hflip=True, rotation=10)
+    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.5, 0.25, 0.2]).view(1, 3, 1, 1)
+    torch.testing.assert_close(augment(images, train=False), (images / 255 - mean) / std)
+    assert not torch.allclose(augment(images, train=True), (images / 255 - mean) / std)
+
+
+def test_both_paths_serve_the_same_order_and_pixels(tmp_path):
+    """Same sampler, same seed: the in-memory path changes where pixels are prepared, not which."""
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    memory, per_sample = fashion(tmp_path, in_memory=True), fashion(tmp_path, in_memory=False)
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loaders = getattr(memory, name)(), getattr(per_sample, name)()
+        assert len(loaders[0]) == len(loaders[1])
+        if name == "train_dataloader":
+            for loader in loaders:
+                loader.batch_sampler.sampler.set_epoch(3)
+        labels = [torch.cat([y for _, y in loader]) for loader in loaders]
+        assert torch.equal(labels[0], labels[1]), name
+    for name in ("val_dataloader", "test_dataloader"):  # no augmentation: identical pixels
+        x_memory, _ = model_batch(memory, getattr(memory, name)())
+        x_sample, _ = model_batch(per_sample, getattr(per_sample, name)())
+        torch.testing.assert_close(x_memory, x_sample)
+
+
+def test_each_ddp_process_gets_its_own_shard_of_every_epoch(tmp_path):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    dm = fashion(tmp_path, in_memory=True)
+    shards = []
+    for rank in (0, 1):
+        cpu = SimpleNamespace(root_device=torch.device("cpu"))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=cpu)
+        loader = dm.train_dataloader()
+        loader.batch_sampler.sampler.set_epoch(1)
+        shards.append(torch.cat([dm.train_set.indices[p] for p in loader.batch_sampler]))
+        val = torch.cat([dm.val_set.indices[p] for p in dm.val_dataloader().batch_sampler])
+        shards.append(val)
+    train0, val0, train1, val1 = shards
+    assert len(train0) == len(train1) == 36 and not set(train0.tolist()) & set(train1.tolist())
+    assert sorted(torch.cat([val0, val1]).tolist()) == sorted(dm.val_set.indices.tolist())  # each once
+
+
+def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, mode="RGB", size=(8, 8), train_per_class=4, test_per_class=2)
+
+    def setup() -> ImageFolderDataModule:
+        dm = ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, in_memory=True)
+        dm.prepare_data()
+        dm.setup()
+        return dm
+
+    first = setup()
+    caches = sorted(p.name for p in (tmp_path / ".cache").iterdir())
+    assert [c.split("-")[1] for c in caches] == ["test", "train"]
+
+    decoded = []
+    original = ImageFolderDataModule.decode
+    monkeypatch.setattr(ImageFolderDataModule, "decode", lambda self, d: decoded.append(1) or original(self, d))
+    again = setup()
+    assert decoded == []  # read from the cache
+    assert torch.equal(again.train_set.images, first.train_set.images)
+
+    changed = tmp_path / "train" / "cat" / "img000.png"
+    write_image(changed, "RGB", (8, 8), value=7)
+    rebuilt = setup()
+    assert decoded == [1]  # only the train split changed
+    assert not torch.equal(rebuilt.train_set.images, first.train_set.images)
+    assert len(list((tmp_path / ".cache").iterdir())) == 2  # the stale train cache is gone
