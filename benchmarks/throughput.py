@@ -1,159 +1,211 @@
 """Training throughput, in one process on the same model, batch size and data:
 
-  (a) the seeds' plain PyTorch loop: DataLoader over the torchvision dataset with ToTensor, num_workers=0
-  (b) a plain PyTorch loop over in-memory tensors (the practical limit)
-  (c) this project's Lightning training path (datamodule + ClassifierModule + Trainer, as src.train builds it)
+  (a)  the seeds' plain PyTorch loop: DataLoader over the torchvision dataset with ToTensor, num_workers=0
+  (b)  a plain PyTorch loop over in-memory tensors: normalized float images sliced with a shuffled index
+  (b') the same loop with the model and images in channels-last memory, as our path runs them
+  (c)  this project's training path as `python -m src.train` builds it from conf/train.yaml (datamodule with
+       its default in-memory path, ClassifierModule, Trainer with the run's callbacks, logger and progress bar)
 
-    python -m benchmarks.throughput [--steps 150] [--data-dir data]
+    python -m benchmarks.throughput [--steps 200] [--data-dir data]
 
-Prints images/second for each and the ratios c/a and c/b: cnn2 on Fashion-MNIST at batch 64 and 256, cnn3 on
-CIFAR-10-shaped data at batch 128 (random pixels in CIFAR's shape: the cost does not depend on the content).
+Prints images/second and the ratios c/a, c/b and c/b': cnn2 on Fashion-MNIST at batch 64 and 256, cnn3 on
+CIFAR-10-shaped data at batch 128 (random pixels written as CIFAR-10 pickle batches: the cost of a step does
+not depend on the content). All use Adam (lr 1e-3), fp32 and no augmentation. Steps are timed after a warm-up;
+the four paths run in turn, `--rounds` times, and each figure is the median of its rounds (a CPU step's speed
+drifts with what ran before it in the process). The process starts with `keep_freed_memory()`, as
+`python -m src.train` does, so all four paths get the same allocator.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from torchvision import datasets
 from torchvision import transforms as T
 
-from src.classifier import ClassifierModule
-from src.data.common import ImageClassificationDataModule
+from src.data.cifar10 import _CIFAR10
 from src.data.mnist import FashionMNISTDataModule
 from src.models.cnn2 import CNN2
 from src.models.cnn3 import CNN3
+from src.train import build_module, build_trainer, keep_freed_memory
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+WARMUP = 10
 
 
-def plain_loop(model: nn.Module, loader: DataLoader, steps: int, warmup: int = 10) -> float:
-    """Images/s of a textbook loop (forward, cross-entropy, backward, Adam step) after `warmup` steps."""
+def plain_loop(model: nn.Module, batches: Iterable, steps: int) -> float:
+    """Images/s of a textbook loop (forward, cross-entropy, backward, Adam step) after a warm-up."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     seen, start, step = 0, 0.0, 0
-    while step < steps + warmup:
-        for x, y in loader:
-            if step == warmup:
+    while step < steps + WARMUP:
+        for x, y in batches:
+            if step == WARMUP:
                 seen, start = 0, time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
             seen += len(x)
             step += 1
-            if step == steps + warmup:
+            if step == steps + WARMUP:
                 break
     return seen / (time.perf_counter() - start)
 
 
-class _Clock(L.Callback):
-    """Times training steps after a warm-up, as plain_loop does."""
+class InMemoryBatches:
+    """The practical limit of loading: one shuffled gather per batch from a normalized float tensor."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.seen, self.start, self.end = warmup, 0, 0.0, 0.0
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, channels_last: bool) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        if channels_last:
+            self.images = images.contiguous(memory_format=torch.channels_last)
+
+    def __iter__(self):
+        for index in torch.randperm(len(self.labels)).split(self.batch_size):
+            yield self.images[index], self.labels[index]
+
+
+def in_memory(make_model, images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, nhwc: bool) -> float:
+    """(b), or (b') with `nhwc`: images are uint8 (N, C, H, W), normalized once up front."""
+    pixels = images.float().div(255)
+    pixels = (pixels - pixels.mean()) / pixels.std()
+    model = make_model().to(memory_format=torch.channels_last) if nhwc else make_model()
+    return plain_loop(model, InMemoryBatches(pixels, labels, batch, channels_last=nhwc), steps)
+
+
+class _Clock(L.Callback):
+    """Times training steps after the warm-up, as plain_loop does."""
+
+    def __init__(self) -> None:
+        self.seen, self.start, self.end = 0, 0.0, 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.warmup:
+        if trainer.global_step == WARMUP:
             self.start = time.perf_counter()
-        if trainer.global_step >= self.warmup:
+        if trainer.global_step >= WARMUP:
             self.seen += len(batch[1])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         self.end = time.perf_counter()
 
 
-def lightning_path(make_net: Callable[[], nn.Module], datamodule: ImageClassificationDataModule, steps: int) -> float:
-    """Images/s of our ClassifierModule under Lightning's Trainer, with the project's default trainer settings
-    that affect the hot path (logging every 50 steps), but no validation, checkpoints or progress bar."""
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module = ClassifierModule(
-        make_net(),
-        class_names=datamodule.class_names,
-        input_shape=datamodule.input_shape,
-        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
-    )
-    clock = _Clock(warmup=10)
-    trainer = L.Trainer(
-        max_steps=steps + 10,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        log_every_n_steps=50,
-        callbacks=[clock],
-    )
-    trainer.fit(module, datamodule=datamodule)
+def our_path(overrides: list[str], steps: int) -> float:
+    """(c): the run `python -m src.train OVERRIDES` would do, for `steps` training steps (no validation)."""
+    with tempfile.TemporaryDirectory() as out, initialize_config_dir(str(CONF), version_base="1.3"):
+        run = [
+            f"paths.output_dir={out}",
+            f"trainer.max_steps={steps + WARMUP}",
+            "trainer.max_epochs=-1",
+            "trainer.limit_val_batches=0",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.enable_model_summary=false",
+        ]
+        cfg = compose("train", overrides=[*overrides, *run])
+        L.seed_everything(cfg.seed, verbose=False)
+        datamodule = instantiate(cfg.dataset)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        module = build_module(cfg, datamodule)
+        trainer = build_trainer(cfg)
+        clock = _Clock()
+        trainer.callbacks.append(clock)
+        trainer.fit(module, datamodule=datamodule)
     return clock.seen / (clock.end - clock.start)
 
 
-def fashion_cases(data_dir: str, steps: int) -> list[tuple[str, float, float, float]]:
-    rows = []
-    for batch in (64, 256):
-        datamodule = FashionMNISTDataModule(
-            data_dir=data_dir, local_copies=["/usr/share/datasets/fashion-mnist"], batch_size=batch, num_workers=0
-        )
-        datamodule.prepare_data()
-        seed_data = datamodule.dataset_class(data_dir, train=True, transform=T.ToTensor())
-        a = plain_loop(CNN2((1, 28, 28), 10), DataLoader(seed_data, batch_size=batch, shuffle=True), steps)
-        images = seed_data.data.unsqueeze(1).float().div(255)
-        memory = DataLoader(TensorDataset(images, seed_data.targets), batch_size=batch, shuffle=True)
-        b = plain_loop(CNN2((1, 28, 28), 10), memory, steps)
-        c = lightning_path(lambda: CNN2((1, 28, 28), 10), datamodule, steps)
-        rows.append((f"cnn2 Fashion-MNIST batch {batch}", a, b, c))
-    return rows
+def rounds(paths: dict[str, Callable[[], float]], n: int) -> list[float]:
+    """Median images/s of each path, run in turn `n` times."""
+    results: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(n):
+        for name, measure in paths.items():
+            results[name].append(measure())
+    return [statistics.median(values) for values in results.values()]
 
 
-def cifar_case(steps: int) -> tuple[str, float, float, float]:
-    """CIFAR-10-shaped data: (a) and (c) decode PIL images per sample as torchvision's CIFAR10 does."""
-    from PIL import Image
-
-    n, batch = 4096, 128
-    pixels = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,))
-
-    class PilCifar(torch.utils.data.Dataset):
-        def __init__(self, transform: Callable | None = None) -> None:
-            self.transform = transform
-
-        def __len__(self) -> int:
-            return n
-
-        def __getitem__(self, i: int):
-            image = Image.fromarray(pixels[i].numpy())
-            return (self.transform(image) if self.transform else image), int(labels[i])
-
-    class SyntheticCifar(ImageClassificationDataModule):
-        def load(self, train: bool) -> torch.utils.data.Dataset:
-            self.class_names, self.input_shape = [str(i) for i in range(10)], (3, 32, 32)
-            return PilCifar()
-
-    a = plain_loop(CNN3((3, 32, 32), 10), DataLoader(PilCifar(T.ToTensor()), batch_size=batch, shuffle=True), steps)
-    images = pixels.permute(0, 3, 1, 2).float().div(255)
-    b = plain_loop(
-        CNN3((3, 32, 32), 10), DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True), steps
+def fashion_case(seed_data: datasets.FashionMNIST, data_dir: str, batch: int, steps: int, n: int) -> list[float]:
+    images, labels = seed_data.data.unsqueeze(1), seed_data.targets
+    dataset = ["dataset=fashion_mnist", f"dataset.data_dir={data_dir}", f"dataset.batch_size={batch}"]
+    return rounds(
+        {
+            "a": lambda: plain_loop(CNN2((1, 28, 28), 10), DataLoader(seed_data, batch, shuffle=True), steps),
+            "b": lambda: in_memory(lambda: CNN2((1, 28, 28), 10), images, labels, batch, steps, False),
+            "b'": lambda: in_memory(lambda: CNN2((1, 28, 28), 10), images, labels, batch, steps, True),
+            "c": lambda: our_path(["model=cnn2", *dataset], steps),
+        },
+        n,
     )
-    c = lightning_path(lambda: CNN3((3, 32, 32), 10), SyntheticCifar(batch_size=batch, num_workers=0), steps)
-    return ("cnn3 CIFAR-10-shaped batch 128", a, b, c)
+
+
+def fashion_cases(data_dir: str, steps: int, n: int) -> list[tuple[str, list[float]]]:
+    FashionMNISTDataModule(data_dir=data_dir, local_copies=["/usr/share/datasets/fashion-mnist"]).prepare_data()
+    seed_data = datasets.FashionMNIST(data_dir, train=True, transform=T.ToTensor())
+    return [(f"cnn2 Fashion-MNIST batch {b}", fashion_case(seed_data, data_dir, b, steps, n)) for b in (64, 256)]
+
+
+def write_cifar_shaped(folder: Path, n_per_batch: int) -> None:
+    """Random pixels in CIFAR-10's on-disk format (five train batches, a test batch, batches.meta)."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        content = {
+            "data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n_per_batch).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(content))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+
+def cifar_case(steps: int, n: int) -> tuple[str, list[float]]:
+    batch = 128
+    with tempfile.TemporaryDirectory() as root:
+        write_cifar_shaped(Path(root) / "cifar-10-batches-py", n_per_batch=1000)
+        seed_data = _CIFAR10(Path(root), "cifar-10-batches-py", train=True)
+        seed_data.transform = T.ToTensor()
+        images, labels = torch.from_numpy(seed_data.data).permute(0, 3, 1, 2), torch.tensor(seed_data.targets)
+        dataset = ["dataset=cifar10", f"dataset.data_dir={root}", f"dataset.batch_size={batch}"]
+        no_augmentation = ["dataset.hflip=false", "dataset.rotation=0"]
+        paths = {
+            "a": lambda: plain_loop(CNN3((3, 32, 32), 10), DataLoader(seed_data, batch, shuffle=True), steps),
+            "b": lambda: in_memory(lambda: CNN3((3, 32, 32), 10), images, labels, batch, steps, False),
+            "b'": lambda: in_memory(lambda: CNN3((3, 32, 32), 10), images, labels, batch, steps, True),
+            "c": lambda: our_path(["model=cnn3", *dataset, *no_augmentation], steps),
+        }
+        return ("cnn3 CIFAR-10-shaped batch 128", rounds(paths, n))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="timed training steps per measurement")
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per path (the median is shown)")
     parser.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (or is staged)")
     args = parser.parse_args()
+    keep_freed_memory()
     torch.manual_seed(0)
-    rows = [*fashion_cases(args.data_dir, args.steps), cifar_case(args.steps)]
-    print(f"\n{'case':34} {'(a) seed loop':>14} {'(b) in-memory':>14} {'(c) ours':>10} {'c/a':>6} {'c/b':>6}")
-    for name, a, b, c in rows:
-        print(f"{name:34} {a:14.0f} {b:14.0f} {c:10.0f} {c / a:6.2f} {c / b:6.2f}")
-    print(f"images/second, {args.steps} timed steps each, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = [*fashion_cases(args.data_dir, args.steps, args.rounds), cifar_case(args.steps, args.rounds)]
+    header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(c) ours", "c/a", "c/b", "c/b'"]
+    print(f"\n{'case':32}" + "".join(f"{h:>15}" for h in header[:4]) + "".join(f"{h:>7}" for h in header[4:]))
+    for name, (a, b, b_cl, c) in rows:
+        print(f"{name:32}{a:15.0f}{b:15.0f}{b_cl:15.0f}{c:15.0f}{c / a:7.2f}{c / b:7.2f}{c / b_cl:7.2f}")
+    print(
+        f"images/second, median of {args.rounds} rounds of {args.steps} timed steps, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 if __name__ == "__main__":
