@@ -17,8 +17,8 @@ def build(model: str, input_shape, num_classes: int) -> torch.nn.Module:
     return instantiate(cfg, input_shape=input_shape, num_classes=num_classes)
 
 
-def test_all_four_models_are_configured():
-    assert MODELS == ["cnn2", "cnn3", "lenet", "mlp"]
+def test_the_seed_models_and_the_fast_recipe_model_are_configured():
+    assert MODELS == ["bn_convnet", "cnn2", "cnn3", "lenet", "mlp"]
 
 
 @pytest.mark.parametrize("num_classes", [10, 3])
@@ -46,6 +46,11 @@ def test_model_trains_one_step(model):
 def test_lenet_on_mnist_has_60074_parameters():
     net = build("lenet", (1, 28, 28), 10)
     assert sum(p.numel() for p in net.parameters()) == 60074
+
+
+def test_too_small_images_for_bn_convnet_is_a_clear_value_error():
+    with pytest.raises(ValueError, match="too small"):
+        build("bn_convnet", (3, 6, 6), 10)
 
 
 def test_too_small_images_for_cnn2_is_a_clear_value_error():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -76,6 +77,17 @@ def check_run(run_dir: Path, result: float, optimized: str, class_names: list[st
     return metrics
 
 
+# The fast recipes' ingredients, on a tiny network.
+FAST_RECIPE = [
+    "optimizer=sgd",
+    "optimizer.nesterov=true",
+    "scheduler=onecycle",
+    "trainer.precision=bf16-mixed",
+    "model.widths=[8,16,16]",
+    "model.stem=8",
+]
+
+
 @pytest.mark.parametrize(
     ("dataset", "model", "extra"),
     [
@@ -83,8 +95,17 @@ def check_run(run_dir: Path, result: float, optimized: str, class_names: list[st
         ("fashion_mnist", "mlp", ["optimizer=adamw", "scheduler=step"]),
         ("cifar10", "cnn3", ["optimizer=sgd", "scheduler=cosine", "dataset.crop_padding=4", "label_smoothing=0.1"]),
         ("image_folder", "lenet", []),
+        ("fashion_mnist", "cnn2", ["dataset.in_memory=false", "dataset.hflip=true", "dataset.rotation=10"]),
+        ("cifar10", "bn_convnet", [*FAST_RECIPE, "dataset.crop_padding=4", "dataset.hflip=true"]),
     ],
-    ids=["mnist-cnn2", "fashion_mnist-mlp", "cifar10-cnn3", "image_folder-lenet"],
+    ids=[
+        "mnist-cnn2",
+        "fashion_mnist-mlp",
+        "cifar10-cnn3",
+        "image_folder-lenet",
+        "fashion_mnist-cnn2-per_sample",
+        "cifar10-bn_convnet-onecycle-bf16",
+    ],
 )
 def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_path, dataset, model, extra):
     class_names, test_counts = make_data(dataset, tmp_path / "data")
@@ -93,6 +114,17 @@ def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_p
     result = train(cfg)
     metrics = check_run(run_dir, result, cfg.optimized_metric, class_names, test_counts)
     assert metrics["epochs"] == 1
+
+
+def test_one_cycle_schedule_is_stepped_every_batch_to_its_end(compose_cfg, tmp_path):
+    write_idx(tmp_path / "data", n_train=100, gz=True)
+    run_dir = tmp_path / "run"
+    overrides = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=bn_convnet", *FAST, *FAST_RECIPE]
+    train(compose_cfg([*overrides, "trainer.max_epochs=2"], run_dir))
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    steps = 2 * math.ceil(90 / 16)  # 2 epochs of 90 training images in batches of 16
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == steps
+    assert checkpoint["lr_schedulers"][0]["total_steps"] == steps
 
 
 def test_image_folder_without_test_folder_reports_on_the_val_split(compose_cfg, tmp_path):

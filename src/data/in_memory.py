@@ -105,6 +105,7 @@ def cached_tensors(cache_dir: Path, name: str, key: str, build: Callable[[], dic
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(content, f)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of the data
         os.replace(tmp, path)
         for old in cache_dir.glob(f"{name}-*.pt"):
             if old != path:
