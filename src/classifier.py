@@ -45,7 +45,7 @@ class ClassifierModule(L.LightningModule):
         n = len(class_names)
         # validate_args=False: the checks read values back from the device, a host sync on every step.
         self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
-        self.train_loss = MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check would read the loss back every step
         accuracy = {
             "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
             "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
@@ -67,7 +67,7 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = self.loss(logits, y)
         self.train_acc.update(logits.detach(), y)
-        self.train_loss.update(loss.detach(), len(y))
+        self.train_loss.update(loss.detach().expand(len(y)))  # one value per image: the epoch mean is per image
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -120,7 +120,10 @@ class ClassifierModule(L.LightningModule):
         if "total_steps" in inspect.signature(self.scheduler).parameters:
             given = getattr(self.scheduler, "keywords", {})
             total = {} if "total_steps" in given else {"total_steps": self.trainer.estimated_stepping_batches}
-            scheduler = self.scheduler(optimizer=optimizer, **total)
+            try:
+                scheduler = self.scheduler(optimizer=optimizer, **total)
+            except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
+                raise ValueError(f"the scheduler needs more training steps than {total or given} ({e})") from e
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
 

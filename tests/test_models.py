@@ -49,8 +49,10 @@ def test_lenet_on_mnist_has_60074_parameters():
 
 
 def test_too_small_images_for_bn_convnet_is_a_clear_value_error():
-    with pytest.raises(ValueError, match="too small"):
-        build("bn_convnet", (3, 6, 6), 10)
+    from src.models.bn_convnet import BNConvNet
+
+    with pytest.raises(ValueError, match=r"\(3, 6, 6\) are too small for 3 pooling blocks"):
+        BNConvNet((3, 6, 6), 10)
 
 
 def test_too_small_images_for_cnn2_is_a_clear_value_error():
