@@ -123,16 +123,23 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """(uint8 images (N, C, H, W), int64 labels) of a `load()`ed split. This default decodes every
         image through PIL (threads: decoding releases the GIL); datasets stored as arrays override it."""
         resize = T.Compose(self.resize())
+        first = np.asarray(resize(dataset[0][0]), dtype=np.uint8)
+        height, width = first.shape[:2]
+        channels = 1 if first.ndim == 2 else first.shape[2]
+        # Filled in place: holding a list of arrays and its stack would need three times the memory.
+        images = torch.empty((len(dataset), channels, height, width), dtype=torch.uint8)
+        labels = torch.empty(len(dataset), dtype=torch.long)
 
-        def pixels(i: int) -> tuple[np.ndarray, int]:
+        def fill(i: int) -> None:
             image, label = dataset[i]
-            array = np.asarray(resize(image), dtype=np.uint8)
-            return (array[:, :, None] if array.ndim == 2 else array), int(label)
+            array = np.asarray(resize(image), dtype=np.uint8).reshape(height, width, channels)
+            images[i] = torch.from_numpy(array).permute(2, 0, 1)
+            labels[i] = int(label)
 
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            arrays, labels = zip(*pool.map(pixels, range(len(dataset)), chunksize=256), strict=True)
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(labels, dtype=torch.long)
+            for _ in pool.map(fill, range(len(dataset)), chunksize=256):
+                pass
+        return images, labels
 
     def decode_options(self) -> tuple:
         """Settings that change the decoded tensors (part of the cache key besides the files)."""
@@ -212,7 +219,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             class_names = list(getattr(dataset, "classes", self.class_names))
             return {"images": images, "labels": labels, "class_names": class_names}
 
-        key = fingerprint(files, name, self.decode_options())
+        # The test split takes train's image shape (image folders resize to it): part of its key.
+        key = fingerprint(files, name, self.decode_options(), None if train else self.input_shape)
         return cached_tensors(self.cache_dir(), name, key, build)
 
     def setup(self, stage: str | None = None) -> None:
@@ -268,7 +276,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         if isinstance(dataset, TensorImages):
             device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-            if device.type != "cpu" and dataset.images.nbytes < available_memory(device) / 2:
+            shared = id(dataset.images) in self._on_device  # val shares train's copy, already there
+            if device.type != "cpu" and (shared or dataset.images.nbytes < available_memory(device) / 2):
                 dataset = dataset.to(device, self._on_device)  # else batches are sliced on the host
             batches = SlicedBatches(sampler or SequentialSampler(dataset), self.batch_size, dataset.images.device)
             return DataLoader(
