@@ -1,5 +1,5 @@
-"""ClassifierModule: cross-entropy training of any architecture, with torchmetrics accuracy (overall
-and per class) and a confusion matrix for val and test. It knows nothing about datasets: class names
+"""ClassifierModule: cross-entropy training of any architecture, with torchmetrics accuracy (val and test;
+per class and a confusion matrix for test). It knows nothing about datasets: class names
 and input shape arrive as arguments and are saved in the checkpoint, so a checkpoint is usable alone."""
 
 from __future__ import annotations
@@ -44,16 +44,23 @@ class ClassifierModule(L.LightningModule):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
         # validate_args=False: the checks read values back from the device, a host sync on every step. (On
-        # CUDA, per-class accuracy and the confusion matrix still sync in eval steps: torch.bincount.)
+        # CUDA, the test step's per-class accuracy and confusion matrix still sync: torch.bincount.)
         self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
         self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check would read the loss back every step
-        accuracy = {
-            "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
-            "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
-        }
-        self.eval_metrics = nn.ModuleDict({stage: MetricCollection(accuracy).clone() for stage in ("val", "test")})
-        confmat = MulticlassConfusionMatrix(n, validate_args=False)
-        self.confmats = nn.ModuleDict({stage: confmat.clone() for stage in ("val", "test")})
+        # Val needs only the accuracy that checkpoints and sweeps watch; test also reports per class and the
+        # confusion matrix (one MetricCollection: a single update call, shared states where they match).
+        self.eval_metrics = nn.ModuleDict(
+            {
+                "val": MetricCollection({"acc": MulticlassAccuracy(n, average="micro", validate_args=False)}),
+                "test": MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
+                        "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
+                        "confusion_matrix": MulticlassConfusionMatrix(n, validate_args=False),
+                    }
+                ),
+            }
+        )
         self.test_results: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,6 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         self.eval_metrics[stage].update(logits, y)
-        self.confmats[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         return {"logits": logits.detach()}  # for the prediction figures (src/reports.py)
 
@@ -94,23 +100,21 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step(batch, "test")
 
-    def _eval_epoch_end(self, stage: str) -> dict[str, Any]:
+    def _eval_epoch_end(self, stage: str) -> dict[str, torch.Tensor]:
         """compute() syncs across DDP processes, so every image is counted exactly once."""
-        metrics, confmat = self.eval_metrics[stage], self.confmats[stage]
-        values = metrics.compute()
+        values = self.eval_metrics[stage].compute()
         self.log(f"{stage}/acc", values["acc"], prog_bar=True)
-        per_class = dict(zip(self.hparams.class_names, values["acc_per_class"].tolist(), strict=True))
-        results = {"acc_per_class": per_class, "confusion_matrix": confmat.compute().tolist()}
-        metrics.reset()
-        confmat.reset()
-        return results
+        self.eval_metrics[stage].reset()
+        return values
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._eval_epoch_end("test")
-        for name, acc in self.test_results["acc_per_class"].items():
+        values = self._eval_epoch_end("test")
+        per_class = dict(zip(self.hparams.class_names, values["acc_per_class"].tolist(), strict=True))
+        self.test_results = {"acc_per_class": per_class, "confusion_matrix": values["confusion_matrix"].tolist()}
+        for name, acc in per_class.items():
             self.log(f"test/acc_{name}", acc)
 
     def configure_optimizers(self) -> Any:

@@ -137,7 +137,8 @@ class MetricsReport(L.Callback):
         write_atomic(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
 
         names = self.metrics["class_names"]
-        fig, _ = pl_module.confmats["test"].plot(torch.tensor(results["confusion_matrix"]), labels=names)
+        confmat = pl_module.eval_metrics["test"]["confusion_matrix"]
+        fig, _ = confmat.plot(torch.tensor(results["confusion_matrix"]), labels=names)
         fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
         save_figure(fig, trainer, self.output_dir, "confusion_matrix")
         self._log_hparams(trainer, pl_module)

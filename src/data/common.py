@@ -101,6 +101,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.mean, self.std = tuple(mean), tuple(std)
         self.hflip, self.rotation, self.crop_padding = hflip, rotation, crop_padding
         self.in_memory = in_memory
+        self._memory_path: bool | None = None  # decided once, by memory_path()
         self.augment: BatchAugment | None = None  # set by setup() on the in-memory path
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_names: list[str] = []
@@ -192,7 +193,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def memory_path(self) -> bool:
         """Whether to use the in-memory path (decided once, by `in_memory` and the available RAM)."""
-        if not hasattr(self, "_memory_path"):
+        if self._memory_path is None:
             self._memory_path = self.in_memory is True
             if self.in_memory == "auto":
                 need, free = self.decoded_bytes(), available_memory(torch.device("cpu"))
