@@ -13,8 +13,10 @@ from typing import Any, Union
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from src.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config value that cannot work; the message names the key."""
 
 

@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.classifier import load_checkpoint
 from src.data import DataError
+from src.errors import report_errors
 from src.reports import final_metrics, format_table
-from src.train import USER_ERRORS, build_trainer, exit_on_user_error
+from src.train import build_trainer
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -45,10 +46,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except USER_ERRORS as e:
-        exit_on_user_error(e)
+    report_errors(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from torchvision import transforms as T
 from src.classifier import ClassifierModule, load_checkpoint
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
+from src.errors import one_line
 from src.reports import write_atomic
-from src.train import one_line
 
 MODES = {1: "L", 3: "RGB"}  # input_shape[0] -> the PIL mode the model was trained on
 

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from src.errors import one_line
 from src.reports import write_atomic
 
 COLUMNS = ("run", "status", "overrides", "val/loss", "val/acc", "test/acc", "test/loss", "epochs", "wall_time_s")
@@ -144,8 +145,6 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         status = {"status": job_return.status.name, "wall_time_s": time.time() - getattr(self, "started", time.time())}
         if job_return.status == JobStatus.FAILED:
-            from src.train import one_line  # the entry point's error formatting
-
             status["error"] = one_line(job_return._return_value)
         write_atomic(Path(config.hydra.runtime.output_dir) / "job_status.json", json.dumps(status) + "\n")
         if config.hydra.mode == RunMode.MULTIRUN:

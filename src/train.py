@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import sys
 import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from src.classifier import ClassifierModule, checkpoint_hparams
 from src.config import ConfigError, validate
-from src.data import DataError
+from src.errors import report_errors
 from src.reports import final_metrics, format_table
 
 log = logging.getLogger(__name__)
@@ -146,38 +142,10 @@ def train(cfg: DictConfig) -> float:
     return metrics[cfg.optimized_metric]
 
 
-def one_line(error: Exception) -> str:
-    """The useful line of an error, also when a DataLoader worker or Hydra's instantiate wrapped it."""
-    if isinstance(error, InstantiationException) and error.__cause__ is not None:
-        key = str(error).strip().splitlines()[-1].removeprefix("full_key: ")
-        return f"{key}: {one_line(error.__cause__)}"
-    if isinstance(error, MissingMandatoryValue):
-        return f"{error.full_key} is required: set it on the command line ({error.full_key}=...)"
-    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    for prefix in ("DataError: ", "ConfigError: ", "ValueError: "):
-        text = text.split(prefix, 1)[-1]
-    return text
-
-
-USER_ERRORS = (ConfigError, DataError, InstantiationException, FileNotFoundError, ValueError, MissingMandatoryValue)
-
-
-def exit_on_user_error(error: Exception) -> None:
-    """One line and exit 1 for a single run; in a sweep, re-raise so only this run is marked failed."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise error
-    log.error(one_line(error))
-    print(f"error: {one_line(error)}", file=sys.stderr)
-    sys.exit(1)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     keep_freed_memory()
-    try:
-        return train(cfg)
-    except USER_ERRORS as e:
-        exit_on_user_error(e)
+    return report_errors(lambda: train(cfg))
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_zero_epochs_tests_the_initial_weights(compose_cfg, tmp_path):
 
 def test_unreadable_image_in_a_loader_worker_is_one_line_naming_the_file(compose_cfg, tmp_path):
     from src.data import DataError
-    from src.train import one_line
+    from src.errors import one_line
 
     write_image_folder(tmp_path / "data", train_per_class=6, test_per_class=None, mode="L", size=(28, 28))
     bad = tmp_path / "data" / "train" / "dog" / "x.png"
@@ -219,7 +219,7 @@ def test_unreadable_image_in_a_loader_worker_is_one_line_naming_the_file(compose
 def test_error_inside_instantiate_is_reported_as_one_line(compose_cfg, tmp_path):
     from hydra.errors import InstantiationException
 
-    from src.train import one_line
+    from src.errors import one_line
 
     cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), *FAST, "dataset.val_fraction=1.5"])
     with pytest.raises(InstantiationException) as info:

@@ -27,11 +27,12 @@ from torchvision import transforms as T
 
 from src.data.batch_augment import BatchAugment
 from src.data.in_memory import SlicedBatches, TensorImages, available_memory, cached_tensors, fingerprint, keep_batch
+from src.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Missing, corrupt or unusable data: the message says which file and how to fix it."""
 
 

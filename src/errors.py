@@ -1,0 +1,90 @@
+"""One error story for every entry point (train, evaluate, predict, export, summarize).
+
+A user's mistake (a config value, a data folder, a path, a checkpoint we refuse) is a `UserError` and
+ends the command with one line on stderr and exit status 1. Anything else is a bug: its full traceback
+stays on stderr (Hydra prints it) and is also written to the run's log file. Inside a sweep every
+error is re-raised, so Hydra marks just that job failed and goes on with the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from omegaconf.errors import MissingMandatoryValue
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us; the message names the key, file or value and how to fix it."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run; the message says how to continue it. A KeyboardInterrupt, so a
+    sweep stops too instead of going on with its next job."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def is_user_error(error: BaseException) -> bool:
+    """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build (a missing `???` value,
+    a `_target_` that fails on the values given). Bare ValueErrors are not: torch raises them for bugs."""
+    if isinstance(error, (UserError, MissingMandatoryValue)):
+        return True
+    if isinstance(error, InstantiationException):
+        return error.__cause__ is None or is_user_error(error.__cause__) or isinstance(error.__cause__, TypeError)
+    return False
+
+
+def one_line(error: BaseException) -> str:
+    """The useful line of an error, also when Hydra's instantiate wrapped it."""
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        key = str(error).strip().splitlines()[-1].removeprefix("full_key: ")
+        return f"{key}: {one_line(error.__cause__)}"
+    if isinstance(error, MissingMandatoryValue):
+        return f"{error.full_key} is required: set it on the command line ({error.full_key}=...)"
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[-1]  # a DataLoader worker's error ends with "module.DataError: message"
+    return line.split(f"{type(error).__name__}: ", 1)[-1] if isinstance(error, UserError) else line
+
+
+def _log_file_only(level: int, message: str, exc_info: BaseException | None = None) -> None:
+    """Into the run's log file (Hydra's file handler), not again onto the console."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, (), None)
+    if exc_info is not None:
+        record.exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def report_errors(command: Callable[[], T]) -> T:
+    """Run an entry point's body: a user error is one line on stderr and exit 1 (re-raised in a sweep);
+    an interruption is its message and its exit code; a bug keeps its traceback (stderr and log file)."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return command()
+    except RunInterrupted as e:
+        _log_file_only(logging.WARNING, str(e))
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if not is_user_error(e):
+            _log_file_only(logging.ERROR, f"{type(e).__name__}: {e}", exc_info=e)
+            raise
+        if multirun:
+            raise
+        _log_file_only(logging.ERROR, one_line(e))
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)
