@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -134,25 +132,4 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
 
 
-def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
-    """The hyper-parameters saved in one of our checkpoints (class names, input shape, normalization and
-    the run config). Memory-mapped, so the weights and optimizer state are not read just for this."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        hparams = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["hyper_parameters"]
-        hparams["config"]["model"]
-    except Exception as e:  # noqa: BLE001 - anything unreadable is "not one of our checkpoints"
-        raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {e})") from e
-    return hparams
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
-    """Rebuild a trained ClassifierModule from its checkpoint alone: the architecture comes from the run
-    config saved in it, class names, input shape and normalization from its hyper-parameters."""
-    hparams = checkpoint_hparams(path)
-    model_config = hparams["config"]["model"]
-    net = instantiate(model_config, input_shape=hparams["input_shape"], num_classes=len(hparams["class_names"]))
-    module = ClassifierModule.load_from_checkpoint(path, net=net, map_location=map_location, weights_only=False)
-    return module.eval()
+from src.checkpoints import load_checkpoint  # noqa: E402,F401 - TEMPORARY, until predict imports it from there

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.classifier import load_checkpoint
+from src.checkpoints import load_checkpoint
 from src.data import DataError
 from src.errors import report_errors
 from src.reports import final_metrics, format_table

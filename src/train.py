@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.classifier import ClassifierModule, checkpoint_hparams
+from src.checkpoints import checkpoint_hparams
+from src.classifier import ClassifierModule
 from src.config import ConfigError, validate
 from src.errors import report_errors
 from src.reports import final_metrics, format_table
