@@ -132,4 +132,7 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
 
 
-from src.checkpoints import load_checkpoint  # noqa: E402,F401 - TEMPORARY, until predict imports it from there
+def load_checkpoint(*args: Any, **kwargs: Any) -> ClassifierModule:  # TEMPORARY: predict moves to src.checkpoints
+    from src.checkpoints import load_checkpoint as load
+
+    return load(*args, **kwargs)

@@ -16,7 +16,7 @@ from src.checkpoints import load_checkpoint
 from src.data import DataError
 from src.errors import report_errors
 from src.reports import final_metrics, format_table
-from src.train import build_trainer
+from src.runs import build_trainer
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{list(module.hparams.class_names)}"
         )
     trainer = build_trainer(run_cfg, skip=("checkpoint", "train_batch_figure"))
-    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True)
     metrics = final_metrics(trainer)
     if trainer.is_global_zero:
         print(format_table(metrics))

@@ -5,6 +5,7 @@ the run directory and TensorBoard images), and the hyper-parameters with final m
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -33,19 +34,45 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the rest of a team
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with NaN and infinities as None, so `json.dumps(allow_nan=False)` writes strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def chance_level(confusion_matrix: Sequence[Sequence[int]]) -> float:
+    """The accuracy of always guessing the most common test class (1/num_classes when balanced)."""
+    counts = [sum(row) for row in confusion_matrix]
+    return max(counts) / max(1, sum(counts))
+
+
 def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
-    """A short console table of the headline figures and per-class test accuracy."""
-    rows = [(k, f"{metrics[k]:.4f}") for k in keys if k in metrics]
+    """A short console table of the headline figures and per-class test accuracy, and a warning when the
+    model is no better than guessing."""
+    rows = [(k, f"{metrics[k]:.4f}") for k in keys if isinstance(metrics.get(k), float)]
     rows += [(f"  {name}", f"{acc:.4f}") for name, acc in metrics.get("test/acc_per_class", {}).items()]
     width = max((len(k) for k, _ in rows), default=10) + 2
     line = "-" * (width + 10)
-    return "\n".join([line, *(f"{k:<{width}}{v:>10}" for k, v in rows), line])
+    table = [line, *(f"{k:<{width}}{v:>10}" for k, v in rows), line]
+    if metrics.get("test/at_chance_level"):
+        acc, chance = metrics["test/acc"], metrics["test/chance_level"]
+        table.append(
+            f"WARNING: test accuracy {acc:.4f} is at chance level ({chance:.4f}): the model learned nothing; "
+            "check the data and labels, or try another optimizer.lr"
+        )
+    return "\n".join(table)
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
@@ -132,9 +159,13 @@ class MetricsReport(L.Callback):
             "epochs": trainer.current_epoch,
             "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
         }
+        chance = chance_level(results["confusion_matrix"])
+        self.metrics["test/chance_level"] = chance
+        self.metrics["test/at_chance_level"] = bool(test.get("test/acc", 0.0) <= chance)
         if not trainer.is_global_zero:
             return
-        write_atomic(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")
+        text = json.dumps(strict_json(self.metrics), indent=2, allow_nan=False)
+        write_atomic(self.output_dir / "metrics.json", text + "\n")
 
         names = self.metrics["class_names"]
         confmat = pl_module.eval_metrics["test"]["confusion_matrix"]

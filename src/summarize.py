@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +135,14 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: records each job's status and wall time (`job_status.json` in its run directory)
-    and, in a sweep, rewrites the sweep's summary table after every job."""
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.time()
+    """Hydra callback: in a sweep, rewrites the sweep's summary table after every job (each run writes its
+    own job_status.json, src/runs.py)."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        status = {"status": job_return.status.name, "wall_time_s": time.time() - getattr(self, "started", time.time())}
-        if job_return.status == JobStatus.FAILED:
-            status["error"] = one_line(job_return._return_value)
-        write_atomic(Path(config.hydra.runtime.output_dir) / "job_status.json", json.dumps(status) + "\n")
+        status_file = Path(config.hydra.runtime.output_dir) / "job_status.json"
+        if job_return.status == JobStatus.FAILED and not status_file.exists():  # it failed before it could say so
+            error = {"status": "FAILED", "error": one_line(job_return._return_value)}
+            write_atomic(status_file, json.dumps(error) + "\n")
         if config.hydra.mode == RunMode.MULTIRUN:
             summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val/acc"))
 

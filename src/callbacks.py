@@ -1,0 +1,75 @@
+"""Training callbacks that keep a run honest and resumable (the report callbacks are in src/reports.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from src.errors import UserError
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops the run at the step whose training loss is NaN or infinite, naming the epoch and step.
+
+    On the CPU the check costs nothing and runs every step. On an accelerator reading the loss back would
+    stall the device every step, so the first bad step is recorded on the device and read back only every
+    `check_every` steps (and at the epoch's end); the message still names the step where it happened."""
+
+    def __init__(self, lr: float | None = None, check_every: int = 50) -> None:
+        self.lr, self.check_every = lr, max(1, check_every)
+        self.first_bad: torch.Tensor | None = None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        step = trainer.global_step - 1  # the optimizer step this batch made
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                self._stop(trainer, float(loss), step)
+            return
+        bad = ~torch.isfinite(loss.detach())
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        if (step + 1) % self.check_every == 0:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self.first_bad is not None and (step := int(self.first_bad)) >= 0:
+            self._stop(trainer, float("nan"), step)
+
+    def _stop(self, trainer: L.Trainer, value: float, step: int) -> None:
+        kind = "NaN" if value != value else ("infinite" if value in (float("inf"), float("-inf")) else "non-finite")
+        lower = f" (now {self.lr:g})" if self.lr is not None else ""
+        raise TrainingDiverged(
+            f"training diverged: the loss became {kind} in epoch {trainer.current_epoch}, step {step}; "
+            f"try a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) or a warm-up"
+        )
+
+
+class CheckpointAtStart(L.Callback):
+    """Writes `last.ckpt` before the first training step of a new run, so a run stopped in its first epoch
+    can be continued too (resume restarts that epoch from the same initial weights)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if trainer.ckpt_path is not None or not isinstance(checkpoint, ModelCheckpoint) or not checkpoint.dirpath:
+            return
+        last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        if not last.exists():
+            trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
+            checkpoint.last_model_path = str(last)  # so ModelCheckpoint overwrites it rather than add last-v1

@@ -1,0 +1,191 @@
+"""A run's directory and its life: the Trainer that writes it, continuing it from a checkpoint, and
+`job_status.json`, which says how the run ended, whatever ended it:
+
+    COMPLETED     metrics.json holds the results
+    FAILED        `error` is the one-line reason (a diverged loss, a data error, a bug's message)
+    INTERRUPTED   Ctrl-C or SIGTERM; `resume_command` continues the run from checkpoints/last.ckpt
+
+A run killed outright (SIGKILL, power loss) has no status; `src.summarize` shows it as INCOMPLETE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from src.checkpoints import SafeCheckpointIO, checkpoint_hparams, read_checkpoint
+from src.config import ConfigError
+from src.errors import RunInterrupted, one_line
+from src.reports import write_atomic
+
+log = logging.getLogger(__name__)
+
+# Overrides that say where a run writes or whether it resumes, not what it computes.
+NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=")
+# Settings a resumed run may change: training longer is what resuming is for.
+RESUMABLE_CHANGES = ("trainer.max_epochs",)
+
+
+def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
+    """The Trainer with the config's callbacks (except those named in `skip`), logger, and checkpoints
+    that are written atomically and read with weights_only=True."""
+    show_progress = cfg.trainer.get("enable_progress_bar", True)
+    callbacks = [
+        instantiate(c)
+        for name, c in cfg.callbacks.items()
+        if c and name not in skip and (name != "progress_bar" or show_progress)
+    ]
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=[SafeCheckpointIO()]
+    )
+
+
+def _settings(overrides: Path | list[str]) -> list[str]:
+    """A run's overrides that define what it computes (max_epochs included only if it is not resumable)."""
+    items = OmegaConf.load(overrides) if isinstance(overrides, Path) else overrides
+    ignored = (*NOT_SETTINGS, *(f"{key}=" for key in RESUMABLE_CHANGES))
+    return sorted(o for o in items if not o.lstrip("+~").startswith(ignored))
+
+
+def find_last_checkpoint(runs_root: Path, overrides: list[str]) -> Path:
+    """`last.ckpt` of the most recent run under `runs_root` started with the same settings."""
+    wanted = _settings(overrides)
+    candidates = [
+        path.parent.parent / "checkpoints" / "last.ckpt"
+        for path in runs_root.glob("**/.hydra/overrides.yaml")
+        if _settings(path) == wanted
+    ]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise ConfigError(f"resume=true: no run under {runs_root}/ with overrides {wanted} has checkpoints/last.ckpt")
+    return max(candidates, key=lambda c: c.stat().st_mtime)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between this run's config and the checkpoint's run config, ignoring
+    where runs write, whether they resume, and RESUMABLE_CHANGES."""
+    now, then = _flat(OmegaConf.to_container(cfg, resolve=False)), _flat(saved)
+    ignored = ("ckpt_path", "resume", "paths", "hydra", *RESUMABLE_CHANGES)
+    keys = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    return [k for k in keys if not any(k == i or k.startswith(f"{i}.") for i in ignored)]
+
+
+def resume_from(cfg: DictConfig) -> None:
+    """`ckpt_path=PATH` or `resume=true`: continue the run that wrote the checkpoint, in its own directory,
+    so its best-checkpoint tracking, TensorBoard curves and metrics.json carry on. Refused when any setting
+    except RESUMABLE_CHANGES differs from that run's: its results would otherwise be silently rewritten."""
+    if cfg.resume and cfg.ckpt_path is None:
+        cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
+    if cfg.ckpt_path is None:
+        return
+    checkpoint = Path(cfg.ckpt_path)
+    differ = differing_settings(cfg, checkpoint_hparams(checkpoint)["config"])
+    if differ:
+        raise ConfigError(
+            f"ckpt_path={checkpoint} was trained with other settings ({', '.join(differ)}); resume with the "
+            f"same ones (only {', '.join(RESUMABLE_CHANGES)} may change), or start a new run without ckpt_path"
+        )
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
+        cfg.paths.output_dir = str(run_dir)
+    log.info("resuming from %s; writing to %s", checkpoint, cfg.paths.output_dir)
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that continues this run: `resume=true` when that finds it (the run lies under
+    paths.runs_root), else `ckpt_path=` its last.ckpt."""
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
+    overrides = [o for o in overrides if not o.startswith(("resume=", "ckpt_path="))]
+    if run_dir.is_relative_to(Path(cfg.paths.runs_root).resolve()):
+        return shlex.join(["python", "-m", "src.train", *overrides, "resume=true"])
+    return shlex.join(["python", "-m", "src.train", *overrides, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])
+
+
+def write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    write_atomic(run_dir / "job_status.json", json.dumps(status, indent=2) + "\n")
+
+
+class RunRecord:
+    """`with RunRecord(cfg) as record:` around a training run writes `job_status.json` however it ends,
+    and turns Ctrl-C or SIGTERM into a `RunInterrupted` that says how to continue. SIGTERM (a scheduler's
+    stop, `kill`) is handled like Ctrl-C, so both take one path, also while data is being prepared.
+    Set `record.trainer` once it exists: it tells the epoch reached."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.trainer: L.Trainer | None = None
+        self.signal_name = "SIGINT"
+        self._previous: Any = None
+
+    def __enter__(self) -> RunRecord:
+        self.started = time.time()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_name = "SIGTERM"
+        raise KeyboardInterrupt
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        interrupted = isinstance(error, KeyboardInterrupt) or (
+            isinstance(error, SystemExit) and self.trainer is not None and self.trainer.interrupted
+        )
+        status: dict[str, Any] = {"status": "COMPLETED"}
+        if interrupted:
+            status, message = self._interrupted()
+        elif error is not None:
+            status = {"status": "FAILED", "error": one_line(error)}
+        if rank_zero_only.rank == 0:
+            status["wall_time_s"] = round(time.time() - self.started, 3)
+            write_status(Path(self.cfg.paths.output_dir), status)
+        if interrupted:
+            code = 128 + (signal.SIGTERM if self.signal_name == "SIGTERM" else signal.SIGINT)
+            raise RunInterrupted(message, code) from None
+
+    def _interrupted(self) -> tuple[dict[str, Any], str]:
+        last = Path(self.cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        completed = None
+        if last.is_file():
+            saved = read_checkpoint(last, mmap=True)  # at an epoch's end (or CheckpointAtStart's, at step 0)
+            completed = saved["epoch"] + 1 if saved.get("global_step") else 0
+        command = resume_command(self.cfg)
+        status = {
+            "status": "INTERRUPTED",
+            "signal": self.signal_name,
+            "epoch": epoch,
+            "epochs_completed": completed,
+            "checkpoint": str(last) if completed is not None else None,
+            "resume_command": command if completed is not None else None,
+        }
+        if completed is None:
+            message = f"interrupted ({self.signal_name}) before the first checkpoint; nothing to resume: run it again"
+        else:
+            message = (
+                f"interrupted ({self.signal_name}) in epoch {epoch}; {last} holds the run after {completed} "
+                f"epoch{'' if completed == 1 else 's'}; continue with: {command}"
+            )
+        return status, message
