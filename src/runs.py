@@ -48,9 +48,7 @@ def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
         for name, c in cfg.callbacks.items()
         if c and name not in skip and (name != "progress_bar" or show_progress)
     ]
-    return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=[SafeCheckpointIO()]
-    )
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=[SafeCheckpointIO()])
 
 
 def _settings(overrides: Path | list[str]) -> list[str]:

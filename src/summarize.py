@@ -47,12 +47,14 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         run_dir = overrides_file.parent.parent
         overrides = [o for o in OmegaConf.load(overrides_file) if not str(o).startswith("hydra.")]
         metrics, job = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "job_status.json")
-        status = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")  # running, or killed
+        # No job_status.json: still running, or killed outright (SIGKILL, power loss).
+        status = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")
+        resume = job.get("resume_command")
         row = {
             "run": str(run_dir.relative_to(sweep_dir)),
             "status": status,
             "overrides": " ".join(overrides),
-            "error": job.get("error", ""),
+            "error": job.get("error") or (f"continue with: {resume}" if resume else ""),
             "wall_time_s": round(job["wall_time_s"], 1) if "wall_time_s" in job else None,
             "epochs": metrics.get("epochs"),
         }
@@ -123,9 +125,15 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
     write_atomic(sweep_dir / "summary.csv", buffer.getvalue())
     text = f"# Sweep {sweep_dir}\n\nEvery run: {' '.join(common) or '(no common overrides)'}\n"
     text += f"Sorted by {metric}.\n\n" + markdown(rows, COLUMNS)
-    failed = [r for r in rows if r["status"] != "COMPLETED"]
-    if failed:
-        text += "\n\nFailed runs:\n" + "\n".join(f"- {r['run']} ({r['overrides']}): {r['error']}" for r in failed)
+    for status, title in (
+        ("FAILED", "Failed runs"),
+        ("INTERRUPTED", "Interrupted runs (Ctrl-C or SIGTERM)"),
+        ("INCOMPLETE", "Runs without a result (still running, or killed outright)"),
+    ):
+        these = [r for r in rows if r["status"] == status]
+        if these:
+            lines = [f"- {r['run']} ({r['overrides']}) {r['error']}".rstrip() for r in these]
+            text += f"\n\n{title}:\n" + "\n".join(lines)
     seeds = aggregate_seeds(rows)
     if seeds:
         columns = ["overrides", "seeds", *(f"{k} {s}" for k in STATS for s in ("mean", "std"))]
