@@ -166,6 +166,14 @@ def write_image_folder(
     return root
 
 
+# --- processes ----------------------------------------------------------------------------------------
+def dead_pid() -> int:
+    """The pid of a process that has exited (as a writer killed mid-write leaves in its temporary file)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
 # --- Hydra config -------------------------------------------------------------------------------------
 FAST = [
     "trainer.max_epochs=1",

@@ -90,3 +90,17 @@ def test_cifar10_full_size_batch_failing_md5_is_corrupt(tmp_path):
         pickle.dump({"data": np.zeros((10_000, 3072), dtype=np.uint8), "labels": [0] * 10_000}, f)
     with pytest.raises(DataError, match="MD5"):
         ready(cifar(tmp_path), "fit")
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_cifar10_label_outside_the_classes_is_a_data_error_naming_the_batch(tmp_path, in_memory):
+    batches = write_cifar_batches(tmp_path, per_batch=6)
+    bad = batches / "data_batch_4"
+    with open(bad, "rb") as f:
+        content = pickle.load(f)
+    content["labels"][2] = 10
+    with open(bad, "wb") as f:
+        pickle.dump(content, f)
+    with pytest.raises(DataError, match="label 10 is outside 0..9") as info:
+        ready(cifar(tmp_path, in_memory=in_memory), "fit")
+    assert str(bad) in str(info.value)

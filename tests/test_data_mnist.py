@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import socket
+import stat
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from conftest import (
     IDX_NAMES,
     UNEVEN_TEST_LABELS,
     class_images,
+    dead_pid,
     idx_images_bytes,
     idx_labels_bytes,
     model_batch,
@@ -176,6 +180,39 @@ def test_garbage_idx_header_is_a_data_error(tmp_path):
     with pytest.raises(DataError) as info:
         ready(fashion(tmp_path), "fit")
     assert str(raw / "train-labels-idx1-ubyte") in str(info.value)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_idx_label_outside_the_classes_is_a_data_error_naming_the_file(tmp_path, in_memory):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw, n_train=40)
+    (raw / "train-labels-idx1-ubyte").write_bytes(idx_labels_bytes([i % 10 for i in range(39)] + [12]))
+    with pytest.raises(DataError, match="label 12 is outside 0..9") as info:
+        ready(fashion(tmp_path, in_memory=in_memory), "fit")
+    assert str(raw / "train-labels-idx1-ubyte") in str(info.value)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_training_labels_of_one_class_are_a_data_error(tmp_path, in_memory):
+    write_idx(tmp_path / "MNIST" / "raw", n_train=40, num_classes=1)
+    with pytest.raises(DataError, match="only 1 class"):
+        ready(mnist(tmp_path, in_memory=in_memory), "fit")
+
+
+def test_staging_removes_a_dead_writers_temp_file_and_writes_readable_files(tmp_path):
+    data_dir = tmp_path / "data"
+    write_idx(data_dir, n_train=40, gz=True)
+    raw = data_dir / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    stale = raw / f".train-images-idx3-ubyte.{socket.gethostname()}.{dead_pid()}.0a1b2c3d.tmp"
+    stale.write_bytes(b"half a file")
+    umask = os.umask(0o022)
+    try:
+        fashion(data_dir).prepare_data()
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(IDX_NAMES)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in raw.iterdir()} == {0o644}
 
 
 def test_idx_of_other_image_size_sets_input_shape(tmp_path):

@@ -3,11 +3,15 @@ same batches (order, DDP shards, pixels) as the per-sample path."""
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import model_batch, write_idx, write_image, write_image_folder
+from conftest import dead_pid, model_batch, write_idx, write_image, write_image_folder
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -123,3 +127,28 @@ def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, mon
     assert decoded == [1]  # only the train split changed
     assert not torch.equal(rebuilt.train_set.images, first.train_set.images)
     assert len(list((tmp_path / ".cache").iterdir())) == 2  # the stale train cache is gone
+
+
+def test_cache_write_removes_dead_writers_temp_files_and_keeps_live_ones(tmp_path):
+    """A killed run leaves its temp file; a parallel run (sweep job, DDP rank) may be writing its own."""
+    write_image_folder(tmp_path, mode="RGB", size=(8, 8), train_per_class=4, test_per_class=None)
+    cache = tmp_path / ".cache"
+    cache.mkdir()
+    host, stem = socket.gethostname(), "ImageFolderDataModule-train"
+    dead = cache / f".{stem}.{host}.{dead_pid()}.00000000.tmp"
+    live = cache / f".{stem}.{host}.{os.getpid()}.11111111.tmp"
+    old_elsewhere = cache / f".{stem}.other-host.123.22222222.tmp"
+    new_elsewhere = cache / f".{stem}.other-host.456.33333333.tmp"
+    for path in (dead, live, old_elsewhere, new_elsewhere):
+        path.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_elsewhere, (two_days_ago, two_days_ago))
+    umask = os.umask(0o022)
+    try:
+        ImageFolderDataModule(data_dir=str(tmp_path), batch_size=4, in_memory=True).setup("fit")
+    finally:
+        os.umask(umask)
+    assert not dead.exists() and not old_elsewhere.exists()
+    assert live.exists() and new_elsewhere.exists()
+    (written,) = cache.glob(f"{stem}-*.pt")
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644

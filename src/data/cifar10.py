@@ -115,6 +115,24 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             dataset = _CIFAR10(folder.parent, folder.name, train=train)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot read CIFAR-10 batches in {folder} ({type(e).__name__}: {e})") from e
+        targets = torch.tensor(dataset.targets)
+        bad = targets[(targets < 0) | (targets >= len(dataset.classes))]
+        if len(bad):
+            label = int(bad[0])
+            raise DataError(
+                f"{self._holding(folder, files, label)}: label {label} is outside 0..{len(dataset.classes) - 1} "
+                f"({folder / datasets.CIFAR10.meta['filename']} names {len(dataset.classes)} classes); "
+                "the file is corrupt or not CIFAR-10; replace it"
+            )
         self.class_names = list(dataset.classes)
         self.input_shape = (dataset.data.shape[3], *dataset.data.shape[1:3])
         return dataset
+
+    @staticmethod
+    def _holding(folder: Path, files: list[str], label: int) -> Path:
+        """The batch file with `label` (read again only on this error path: torchvision merges the batches)."""
+        for name in files:
+            with open(folder / name, "rb") as f:
+                if label in pickle.load(f, encoding="latin1").get("labels", ()):
+                    return folder / name
+        return folder

@@ -184,6 +184,34 @@ class ImageClassificationDataModule(L.LightningDataModule):
             augment.append(T.RandomRotation(self.rotation))
         return T.Compose([*self.resize(), *augment, T.ToTensor(), T.Normalize(*self.normalization())])
 
+    def where(self, train: bool) -> str:
+        """The folder or file a split is read from, for error messages."""
+        files = self.source_files(train) or []
+        return os.path.commonpath(files) if files else str(self.data_dir)
+
+    @staticmethod
+    def targets(dataset: Dataset) -> torch.Tensor:
+        """The labels of a `load()`ed split; torchvision's datasets list them without reading an image."""
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            labels = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+        return torch.as_tensor(labels, dtype=torch.long)
+
+    def check_labels(self, labels: torch.Tensor, train: bool) -> None:
+        """Labels must index `class_names` (else training fails deep inside the loss), and a training split
+        needs two classes (with one, training "succeeds" at 100% accuracy and means nothing)."""
+        n = self.num_classes
+        bad = labels[(labels < 0) | (labels >= n)]
+        if len(bad):
+            raise DataError(f"{self.where(train)}: label {int(bad[0])} is outside 0..{n - 1}; replace the corrupt data")
+        present = labels.unique().tolist()
+        if train and len(present) < 2:
+            names = ", ".join(self.class_names[i] for i in present)
+            raise DataError(
+                f"{self.where(train)} has only {len(present)} class{'' if len(present) == 1 else 'es'} ({names}): "
+                "a classifier needs at least two; add training images of another class"
+            )
+
     def split_indices(self, n: int) -> tuple[list[int], list[int]]:
         """The same `seed` always gives the same split, independent of the global RNG."""
         n_val = max(1, round(n * self.val_fraction))
@@ -231,11 +259,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
             return
         if self.train_set is None:
             base = self.load(train=True)
+            self.check_labels(self.targets(base), train=True)
             train_idx, val_idx = self.split_indices(len(base))
             self.train_set = _Transformed(base, train_idx, self.train_transform())
             self.val_set = _Transformed(base, val_idx, self.eval_transform())
         if self.test_set is None and stage in (None, "test", "predict"):
             test = self.load(train=False) if self.has_test_split else None
+            if test is not None:
+                self.check_labels(self.targets(test), train=False)
             self.test_set = self.val_set if test is None else _Transformed(test, None, self.eval_transform())
 
     def _setup_in_memory(self, stage: str | None) -> None:
@@ -243,6 +274,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             train = self.tensors(train=True)
             images, labels = train["images"], train["labels"]
             self.class_names, self.input_shape = list(train["class_names"]), tuple(images.shape[1:])
+            self.check_labels(labels, train=True)
             train_idx, val_idx = self.split_indices(len(labels))
             self.train_set = TensorImages(images, labels, train_idx)
             self.val_set = TensorImages(images, labels, val_idx)
@@ -254,6 +286,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             elif list(test["class_names"]) != self.class_names:
                 raise DataError(f"the test split has classes {test['class_names']} but train has {self.class_names}")
             else:
+                self.check_labels(test["labels"], train=False)
                 self.test_set = TensorImages(test["images"], test["labels"])
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

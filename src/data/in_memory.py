@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from math import ceil
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from src.data.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def fingerprint(files: Sequence[Path], *extra: object) -> str:
 def cached_tensors(cache_dir: Path, name: str, key: str, build: Callable[[], dict[str, object]]) -> dict[str, object]:
     """`build()` (a dict of tensors and metadata), saved as `cache_dir/name-key.pt` and read from there
     while `key` holds. Written atomically, so an interrupted write never looks like a cache; older
-    versions of `name` are removed. An unwritable folder only costs the decode next time."""
+    versions of `name`, and temporary files of interrupted writes, are removed (`atomic.py`). An unwritable
+    folder only costs the decode next time."""
     path = cache_dir / f"{name}-{key}.pt"
     if path.is_file():
         try:
@@ -99,20 +100,13 @@ def cached_tensors(cache_dir: Path, name: str, key: str, build: Callable[[], dic
         except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             log.warning("rebuilding the unreadable cache %s (%s)", path, e)
     content = build()
-    tmp = None
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(content, f)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users of the data
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: torch.save(content, f), stem=name)
         for old in cache_dir.glob(f"{name}-*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
-    except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         log.warning("cannot cache the decoded images in %s (%s); they will be decoded again next run", cache_dir, e)
     return content
 

@@ -8,17 +8,16 @@ torchvision's layout under `data_dir`, so torchvision does the reading.
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from src.data.atomic import write_atomically
 from src.data.common import DataError, ImageClassificationDataModule, writable_dir
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -32,15 +31,19 @@ def _find_idx(folder: Path, name: str) -> Path | None:
 
 
 def _stage(source: Path, target: Path) -> None:
-    """Copy (gunzipping if needed) atomically: an interrupted copy never looks like a complete file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out, (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src:
+    """Copy (gunzipping if needed) atomically: an interrupted copy never looks like a complete file, and
+    its temporary file is removed by the next staging (`atomic.py`)."""
+
+    def copy(out: BinaryIO) -> None:
+        with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src:
             shutil.copyfileobj(src, out)
-        os.replace(tmp, target)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        os.unlink(tmp)
-        raise DataError(f"cannot read {source}: truncated or corrupt ({e}); replace the file") from e
+
+    try:
+        write_atomically(target, copy)
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"cannot copy {source} to {target} ({e}); replace {source} if it is truncated or corrupt"
+        ) from e
 
 
 class MNISTDataModule(ImageClassificationDataModule):
@@ -100,6 +103,12 @@ class MNISTDataModule(ImageClassificationDataModule):
             raise DataError(
                 f"{self.raw_dir}: {len(dataset.data)} images but {len(dataset.targets)} labels; the files do not match"
             )
+        bad = dataset.targets[dataset.targets >= len(self.class_names)]  # IDX labels are unsigned bytes
+        if len(bad):
+            raise DataError(
+                f"{self.where(train)}: label {int(bad[0])} is outside "
+                f"0..{len(self.class_names) - 1}; the file is corrupt or not {self.dataset_class.__name__}; replace it"
+            )
         self.input_shape = (1, *dataset.data.shape[1:])
         return dataset
 
@@ -107,6 +116,10 @@ class MNISTDataModule(ImageClassificationDataModule):
         self.prepare_data()
         prefix = "train" if train else "t10k"
         return [self.raw_dir / f"{prefix}-images-idx3-ubyte", self.raw_dir / f"{prefix}-labels-idx1-ubyte"]
+
+    def where(self, train: bool) -> str:
+        """The labels file: what the label checks are about."""
+        return str(self.raw_dir / f"{'train' if train else 't10k'}-labels-idx1-ubyte")
 
     def decode(self, dataset: datasets.MNIST) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()

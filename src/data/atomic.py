@@ -1,0 +1,61 @@
+"""Atomic file writes, shared by the uint8 cache (`in_memory.py`) and IDX staging (`mnist.py`).
+
+A file is written under a temporary name in its folder and renamed over the target, so an interrupted
+write never looks complete. The temporary name carries the writer's host and pid: the next writer removes
+the temporary files whose process is gone (or that are a day old, e.g. left by another host of a shared
+file system) and leaves a parallel writer's alone (a sweep job, a DDP rank, still writing its own copy).
+Files get the usual permissions (0666 less the umask), not the 0600 of `tempfile.mkstemp`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+STALE_AFTER_S = 24 * 3600  # a writer that has not touched its file for a day is gone, wherever it ran
+HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, stem: str) -> None:
+    """Remove `folder/.STEM.HOST.PID.*.tmp` files of writers that died (this host) or a day old (any host)."""
+    for path in folder.glob(f".{stem}.*.tmp"):
+        host, _, pid = path.name[len(stem) + 2 : -4].rpartition(".")[0].rpartition(".")
+        try:
+            dead = host == HOST and pid.isdigit() and not _alive(int(pid))
+            if dead or time.time() - path.stat().st_mtime > STALE_AFTER_S:
+                path.unlink()
+                log.info("removed %s, left by an interrupted write", path)
+        except OSError:  # removed meanwhile by another writer, or not ours to remove
+            continue
+
+
+def write_atomically(target: Path, write: Callable[[BinaryIO], None], stem: str | None = None) -> None:
+    """`write(file)` into a temporary file renamed to `target`; `stem` (default: the target's name) groups
+    the temporary files whose stale leftovers are removed first."""
+    stem = stem or target.name
+    remove_stale_temps(target.parent, stem)
+    tmp = target.parent / f".{stem}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:  # also Ctrl-C: leave nothing behind that we can remove now
+        tmp.unlink(missing_ok=True)
+        raise
