@@ -2,20 +2,34 @@
 
 python -m src.predict ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt images=[shoe.png,bag.jpg]
 python -m src.predict ckpt_path=CKPT images=FOLDER top_k=5 device=cuda
+python -m src.predict ckpt_path=CKPT images=BIG_FOLDER figures=false batch_size=512
 python -m src.predict --help
 
 The checkpoint alone says what the model expects (channels, size, normalization, class names), so any
-image is converted to that: a photo can be fed to a Fashion-MNIST model. Prints the top_k classes per
-image and writes, into the run directory, one figure per image and predictions.json.
+image is converted to that: a photo can be fed to a Fashion-MNIST model. Images are decoded in a thread
+pool (Pillow releases the GIL) one batch ahead of the model, which sees whole batches; each image goes
+through the same load_image + to_tensor as it would alone, so a batch changes no prediction.
+
+Into the run directory: predictions.csv, streamed (one write per batch, so an interrupted or killed run
+keeps every row it finished; columns: csv_columns), with figures=true one figure per image. The console has
+the top_k classes per image up to PRINT_EACH images, beyond that a progress line every few seconds.
 """
 
 from __future__ import annotations
 
-import json
+import csv
+import io
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from types import FrameType
 
 import hydra
 import numpy as np
@@ -29,13 +43,14 @@ from torchvision import transforms as T
 from src.classifier import ClassifierModule, load_checkpoint
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
-from src.errors import one_line
-from src.reports import write_atomic
+from src.errors import RunInterrupted, UserError, one_line, report_errors
 
 MODES = {1: "L", 3: "RGB"}  # input_shape[0] -> the PIL mode the model was trained on
+PRINT_EACH = 20  # up to this many images, one console line each; beyond, progress lines (the CSV has all)
+PROGRESS_EVERY_S = 5.0
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """A problem with the whole command (options, checkpoint, folder): one line on stderr, exit status 1."""
 
 
@@ -146,8 +161,8 @@ def _load(ckpt_path: str, device: torch.device) -> ClassifierModule:
         )
     try:
         module = load_checkpoint(path, map_location=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise PredictError(one_line(e)) from e
+    except UserError:
+        raise  # missing, unreadable or refused: already one line
     except Exception as e:  # noqa: BLE001 - a checkpoint of another project/version: say so in one line
         raise PredictError(f"cannot load checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
     return module.to(device).eval()
@@ -163,14 +178,109 @@ def _figure_name(path: Path, used: set[str]) -> str:
     return name
 
 
+Prepared = tuple[Image.Image, torch.Tensor] | UnreadableImage
+
+
+def prepare(path: Path, input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> Prepared:
+    """One image as the model sees it (the figure shows the image, the model gets the tensor), or why it
+    cannot be used: this runs in a pool thread, so the error is returned, not raised."""
+    try:
+        image = load_image(path, input_shape)
+    except UnreadableImage as e:
+        return e
+    return image, to_tensor(image, mean, std)
+
+
+def prepared_batches(
+    paths: Sequence[Path], batch_size: int, work: Callable[[Path], Prepared], pool: ThreadPoolExecutor
+) -> Iterator[list[Prepared]]:
+    """`work(path)` for every path, in input order, a batch at a time; the next batch is submitted before
+    this one is yielded, so decoding overlaps the model and at most two batches are held."""
+    ahead: list[Future[Prepared]] = []
+    for start in range(0, len(paths), batch_size):
+        submitted = [pool.submit(work, p) for p in paths[start : start + batch_size]]
+        if ahead:
+            yield [f.result() for f in ahead]
+        ahead = submitted
+    yield [f.result() for f in ahead]
+
+
+def classify(module: ClassifierModule, tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Class probabilities (rows in input order, on the CPU) of prepared tensors, as one batch."""
+    with torch.inference_mode():
+        return module(torch.stack(list(tensors)).to(device)).softmax(dim=-1).float().cpu()
+
+
+def rank(probs: torch.Tensor, class_names: Sequence[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most probable (class, probability), most probable first."""
+    top = probs.topk(k)
+    return [(class_names[c], v) for v, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+
+
+def csv_columns(k: int) -> list[str]:
+    """path, class and probability of the top class, top2_class, top2_probability ... up to top`k`, then
+    figure (its file name; empty with figures=false) and error (why the image could not be read: such a
+    row has only path and error, so the CSV accounts for every image it reached, in input order)."""
+    ranks = [f"top{r}_{field}" for r in range(2, k + 1) for field in ("class", "probability")]
+    return ["path", "class", "probability", *ranks, "figure", "error"]
+
+
+class CsvStream:
+    """predictions.csv, appended a batch at a time with one unbuffered write, so a run stopped by Ctrl-C
+    or killed leaves the header and whole rows. open()'s usual permissions (0644 under umask 022)."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.path = path
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - written across batches, closed by close()
+        self.write([columns])
+
+    def write(self, rows: Sequence[Sequence[object]]) -> None:
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        data = memoryview(text.getvalue().encode())
+        while data:
+            data = data[self.file.write(data) :]
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`), raised where Ctrl-C would be, so both end the same way."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    value = cfg[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PredictError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
 def predict(cfg: DictConfig, output_dir: Path) -> int:
-    """Print and save the predictions; return the exit status (1 if any image failed, else 0)."""
+    """Stream every image's prediction to predictions.csv (and figures); return the exit status, 1 if any
+    image could not be read. Ctrl-C or SIGTERM ends in a RunInterrupted that says what was kept."""
     for key in ("ckpt_path", "images"):
         if OmegaConf.is_missing(cfg, key):
             raise PredictError(f"{key} is required: python -m src.predict ckpt_path=CKPT images=[a.png,b.jpg]")
-    top_k = cfg.top_k
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise PredictError(f"top_k must be a positive integer, got {top_k!r}")
+    top_k, batch_size = _positive_int(cfg, "top_k"), _positive_int(cfg, "batch_size")
+    if not isinstance(cfg.figures, bool):
+        raise PredictError(f"figures must be true or false, got {cfg.figures!r}")
     images = cfg.images
     if not isinstance(images, (str, ListConfig)):
         images = str(images)  # e.g. images=123 (a folder named 123) arrives as an int
@@ -188,28 +298,47 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
     k = min(top_k, len(class_names))
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
-    failed = 0
+    out = CsvStream(output_dir / "predictions.csv", csv_columns(k))
+    each = len(paths) <= PRINT_EACH
+    done = failed = 0
     used: set[str] = set()
-    for path in paths:
-        try:
-            image = load_image(path, input_shape)
-        except UnreadableImage as e:
-            print(f"error: {path}: {e}", file=sys.stderr, flush=True)
-            failed += 1
-            continue
-        with torch.no_grad():
-            logits = module(to_tensor(image, mean, std).unsqueeze(0).to(device))
-        probs = logits.softmax(dim=-1)[0].float().cpu()
-        top = probs.topk(k)
-        ranked = [(class_names[i], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
-        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in ranked), flush=True)
-        figure = _figure_name(path, used)
-        save_figure(image, probs.tolist(), class_names, path.name, output_dir / figure)
-        results.append({"image": str(path), "top_k": [[n, round(p, 6)] for n, p in ranked], "figure": figure})
-    write_atomic(output_dir / "predictions.json", json.dumps(results, indent=2) + "\n")
-    figures = f"{len(results)} figure{'' if len(results) == 1 else 's'}"
-    print(f"run directory: {output_dir} ({figures}, predictions.json)")
+    started = shown = time.monotonic()
+    work = partial(prepare, input_shape=input_shape, mean=mean, std=std)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="predict-decode")
+    try:
+        with sigterm_as_interrupt():
+            for batch in prepared_batches(paths, batch_size, work, pool):
+                good = [item for item in batch if not isinstance(item, UnreadableImage)]
+                probs = iter(classify(module, [tensor for _, tensor in good], device) if good else [])
+                rows: list[list[object]] = []
+                for path, item in zip(paths[done : done + len(batch)], batch, strict=True):
+                    if isinstance(item, UnreadableImage):
+                        print(f"error: {path}: {item}", file=sys.stderr, flush=True)
+                        rows.append([path, *[""] * (2 * k + 1), item])
+                        failed += 1
+                        continue
+                    p = next(probs)
+                    ranked = rank(p, class_names, k)
+                    figure = _figure_name(path, used) if cfg.figures else ""
+                    if figure:  # before its row, so every figure a row names exists
+                        save_figure(item[0], p.tolist(), class_names, path.name, output_dir / figure)
+                    rows.append([path, *(x for name, v in ranked for x in (name, f"{v:.6f}")), figure, ""])
+                    if each:
+                        print(f"{path}: " + ", ".join(f"{name} {v:.1%}" for name, v in ranked), flush=True)
+                out.write(rows)
+                done += len(batch)
+                if not each and (time.monotonic() - shown >= PROGRESS_EVERY_S or done == len(paths)):
+                    shown = time.monotonic()
+                    print(f"{done} of {len(paths)} images ({shown - started:.1f} s)", flush=True)
+    except KeyboardInterrupt as e:
+        code = 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        message = f"interrupted after {done} of {len(paths)} images; their rows are in {out.path}"
+        raise RunInterrupted(message, code) from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        out.close()
+    figures = f", {len(used)} figure{'' if len(used) == 1 else 's'}" if cfg.figures else ""
+    print(f"run directory: {output_dir} (predictions.csv{figures})")
     if failed:
         print(f"{failed} of {len(paths)} images could not be read (see the errors above)", file=sys.stderr)
     return 1 if failed else 0
@@ -217,11 +346,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
-        status = predict(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except PredictError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    status = report_errors(lambda: predict(cfg, Path(HydraConfig.get().runtime.output_dir)))
     if status:
         sys.exit(status)
 

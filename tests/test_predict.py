@@ -1,16 +1,19 @@
 """`python -m src.predict` end to end: a checkpoint from a real (tiny, one-epoch) training run, then the
-command in a subprocess on images of other sizes and modes, a folder, and unreadable files.
+command in a subprocess on images of other sizes and modes, a folder, unreadable files, a big folder in
+small batches (equal to one image at a time) and a run killed midway (its CSV keeps the finished rows).
 
 Self-contained on purpose (no conftest fixtures): the tiny Fashion-MNIST IDX files are written here.
 """
 
 from __future__ import annotations
 
-import json
+import csv
 import re
+import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +27,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from src.predict import PredictError, collect_images, load_image, per_channel, predict, to_tensor  # noqa: E402
+from src.errors import UserError, one_line  # noqa: E402
+from src.predict import (  # noqa: E402
+    PredictError,
+    collect_images,
+    csv_columns,
+    load_image,
+    per_channel,
+    predict,
+    to_tensor,
+)
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
@@ -111,28 +123,60 @@ def prediction_lines(stdout: str) -> dict[str, list[tuple[str, float]]]:
     return lines
 
 
-def check_outputs(out: Path, images: Sequence[Path], stdout: str, top_k: int = 3) -> list[dict]:
-    """One top-k line, one figure and one predictions.json entry per image, with sane probabilities."""
+def read_predictions(out: Path) -> list[dict[str, str]]:
+    """predictions.csv as dicts, after checking it is whole: the header, and every row as wide as it."""
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows, "predictions.csv is empty"
+    header = rows[0]
+    assert header[:3] == ["path", "class", "probability"] and header[-2:] == ["figure", "error"]
+    assert header == csv_columns((len(header) - 3) // 2)
+    assert all(len(row) == len(header) for row in rows), "a torn or ragged row"
+    return [dict(zip(header, row, strict=True)) for row in rows[1:]]
+
+
+def ranked(row: dict[str, str]) -> list[tuple[str, float]]:
+    """A row's (class, probability) pairs, most probable first."""
+    pairs = [(row["class"], float(row["probability"]))]
+    r = 2
+    while f"top{r}_class" in row:
+        pairs.append((row[f"top{r}_class"], float(row[f"top{r}_probability"])))
+        r += 1
+    return pairs
+
+
+def check_outputs(
+    out: Path, images: Sequence[Path], stdout: str, top_k: int = 3, unreadable: Sequence[Path] = ()
+) -> list[dict[str, str]]:
+    """One top-k line, one figure and one CSV row per image, with sane probabilities; an unreadable image
+    a row with only its path and error. Returns the rows of the images that were read."""
     lines = prediction_lines(stdout)
     assert list(lines) == [str(p) for p in images], stdout
-    predictions = json.loads((out / "predictions.json").read_text())
-    assert [p["image"] for p in predictions] == [str(p) for p in images]
-    for entry, (path, printed) in zip(predictions, lines.items(), strict=True):
-        assert len(printed) == top_k and len(entry["top_k"]) == top_k
-        names = [name for name, _ in entry["top_k"]]
-        probs = [p for _, p in entry["top_k"]]
+    rows = read_predictions(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in [*images, *unreadable])
+    for row in rows:
+        if row["error"]:
+            assert row["path"] in {str(p) for p in unreadable}
+            assert all(v == "" for key, v in row.items() if key not in ("path", "error")), row
+    predicted = [row for row in rows if not row["error"]]
+    assert [row["path"] for row in predicted] == [str(p) for p in images]
+    for row, (path, printed) in zip(predicted, lines.items(), strict=True):
+        pairs = ranked(row)
+        assert len(printed) == top_k and len(pairs) == top_k
+        names = [name for name, _ in pairs]
+        probs = [p for _, p in pairs]
         assert names == [name for name, _ in printed], path
         assert len(set(names)) == top_k and set(names) <= set(FASHION)
         assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
         assert sum(probs) <= 1.0 + 1e-4 and probs[0] >= 1.0 / len(FASHION) - 1e-6
         for (_, percent), p in zip(printed, probs, strict=True):
             assert percent == pytest.approx(100 * p, abs=0.051)
-        figure = out / entry["figure"]
+        figure = out / row["figure"]
         assert figure.is_file() and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(figure) as image:
             assert image.width > 300 and image.height > 200
     assert len(list(out.glob("*.png"))) == len(images)
-    return predictions
+    return predicted
 
 
 def save(image: Image.Image, path: Path, **kwargs: object) -> Path:
@@ -210,8 +254,12 @@ def test_predict_other_sizes_modes_and_unreadable_files(checkpoint: Path, tmp_pa
     assert errors[0].startswith(f"error: {corrupt}: ") and "not an image" in errors[0]
     assert errors[1] == f"error: {missing}: file not found"
     assert errors[2].startswith(f"error: {truncated}: ") and "truncated" in errors[2]
-    check_outputs(out, good, result.stdout)
+    check_outputs(out, good, result.stdout, unreadable=[corrupt, missing, truncated])
+    assert [r["path"] for r in read_predictions(out)] == [  # input order, unreadable ones included
+        str(p) for p in (good[0], corrupt, good[1], missing, good[2], truncated, good[3])
+    ]
     assert f"run directory: {out}" in result.stdout
+    assert "3 of 7 images could not be read" in result.stderr
 
 
 def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -227,8 +275,8 @@ def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.Capture
     status = predict(compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "top_k=5"), out)
     captured = capsys.readouterr()
     assert status == 0 and captured.err == ""
-    predictions = check_outputs(out, sorted(images), captured.out, top_k=5)
-    assert sorted(p["figure"] for p in predictions) == ["a-2.png", "a.png", "b.png", "c.png"]
+    rows = check_outputs(out, sorted(images), captured.out, top_k=5)
+    assert sorted(row["figure"] for row in rows) == ["a-2.png", "a.png", "b.png", "c.png"]
 
 
 def test_predict_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
@@ -243,11 +291,13 @@ def test_predict_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("garbage", "is not a readable checkpoint of this project"),
+        ("garbage", "garbage.ckpt"),  # the wording is src.checkpoints'; the path must be in it
         ("run_folder", "is a folder; give a .ckpt file, e.g. ckpt_path="),
         ("empty_folder", "no images in folder"),
         ("no_ckpt", "ckpt_path is required"),
         ("top_k", "top_k must be a positive integer"),
+        ("batch_size", "batch_size must be a positive integer"),
+        ("figures", "figures must be true or false"),
         ("device", "is not a torch device"),
     ],
 )
@@ -264,14 +314,18 @@ def test_predict_bad_options(checkpoint: Path, tmp_path: Path, case: str, expect
         overrides["images"] = str(_empty(tmp_path))
     elif case == "no_ckpt":
         del overrides["ckpt_path"]
-    elif case == "top_k":
-        extra = ["top_k=0"]
+    elif case in ("top_k", "batch_size"):
+        extra = [f"{case}=0"]
+    elif case == "figures":
+        extra = ["figures=some"]
     else:
         extra = ["device=gpu"]
     cfg = compose_predict(*(f"{k}={v}" for k, v in overrides.items()), *extra)
-    with pytest.raises(PredictError, match=re.escape(expected)) as error:
+    with pytest.raises(UserError) as error:  # report_errors: one line and exit 1, no traceback
         predict(cfg, tmp_path / "out")
-    assert "\n" not in str(error.value)
+    assert re.search(re.escape(expected), one_line(error.value))
+    assert isinstance(error.value, PredictError) or case == "garbage"
+    assert case == "garbage" or "\n" not in str(error.value)
 
 
 def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -285,8 +339,104 @@ def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, 
     x = to_tensor(load_image(image, module.hparams.input_shape), module.hparams.mean, module.hparams.std)
     with torch.no_grad():
         probs = module(x.unsqueeze(0)).softmax(-1)[0]
-    entry = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
-    assert len(entry["top_k"]) == len(FASHION)  # top_k larger than the class count: all classes
-    assert sum(p for _, p in entry["top_k"]) == pytest.approx(1.0, abs=1e-4)
-    assert entry["top_k"][0] == [FASHION[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6)]
+    (row,) = read_predictions(tmp_path / "out")
+    pairs = ranked(row)
+    assert len(pairs) == len(FASHION)  # top_k larger than the class count: all classes
+    assert sum(p for _, p in pairs) == pytest.approx(1.0, abs=1e-4)
+    assert pairs[0] == (FASHION[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6))
     assert capsys.readouterr().out.startswith(f"{image}: {FASHION[int(probs.argmax())]} ")
+
+
+# --- many images: batches, the streamed CSV, interruption --------------------------------------------
+def test_figures_false_writes_one_csv_row_per_image_and_no_figures(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """50 PNGs in batches of 16: a row each, in order, the header for top_k=2, no figure, 0644, and a
+    progress line instead of 50 per-image lines."""
+    folder = tmp_path / "many"
+    images = [save(noise("L", (28, 28), seed=i), folder / f"img{i:02d}.png") for i in range(50)]
+    out = tmp_path / "out"
+    cfg = compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "figures=false", "batch_size=16", "top_k=2")
+    assert predict(cfg, out) == 0
+    captured = capsys.readouterr()
+    with open(out / "predictions.csv", newline="") as f:
+        assert next(csv.reader(f)) == [
+            "path",
+            "class",
+            "probability",
+            "top2_class",
+            "top2_probability",
+            "figure",
+            "error",
+        ]
+    rows = read_predictions(out)
+    assert [row["path"] for row in rows] == [str(p) for p in images]
+    assert all(row["class"] in FASHION and row["figure"] == row["error"] == "" for row in rows)
+    assert all(1.0 >= float(row["probability"]) >= float(row["top2_probability"]) > 0.0 for row in rows)
+    assert not list(out.glob("*.png"))
+    assert (out / "predictions.csv").stat().st_mode & 0o777 == 0o644
+    assert prediction_lines(captured.out) == {} and "50 of 50 images" in captured.out
+    assert f"run directory: {out} (predictions.csv)" in captured.out and captured.err == ""
+
+
+def test_batched_predictions_equal_per_image_ones(checkpoint: Path, tmp_path: Path) -> None:
+    """A mixed folder (sizes, modes, formats, an unreadable file mid-batch) in batches of 3 gives each image
+    the class and probabilities it gets alone through load_image + to_tensor + the model."""
+    from src.classifier import load_checkpoint
+
+    folder = tmp_path / "mixed"
+    for i in range(12):
+        mode, size, ext = [("L", (28, 28), "png"), ("RGB", (64, 40), "jpg"), ("RGBA", (20, 33), "png")][i % 3]
+        save(noise(mode, size, seed=i), folder / f"img{i:02d}.{ext}")
+    save(noise("RGB", (30, 20), seed=99).convert("P"), folder / "img04b.gif")
+    (folder / "img05b.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    cfg = compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "figures=false", "batch_size=3", "top_k=10")
+    assert predict(cfg, out) == 1  # the unreadable one
+
+    module = load_checkpoint(checkpoint)
+    hp = module.hparams
+    rows = read_predictions(out)
+    assert [row["path"] for row in rows] == [str(p) for p in sorted(folder.iterdir())]
+    for row in rows:
+        if Path(row["path"]).name == "img05b.png":
+            assert "not an image" in row["error"]
+            continue
+        x = to_tensor(load_image(Path(row["path"]), hp.input_shape), hp.mean, hp.std)
+        with torch.no_grad():
+            alone = module(x.unsqueeze(0)).softmax(-1)[0]
+        pairs = ranked(row)
+        assert pairs[0][0] == FASHION[int(alone.argmax())], row["path"]
+        for name, p in pairs:
+            assert p == pytest.approx(float(alone[FASHION.index(name)]), abs=2e-6), (row["path"], name)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_stopped_run_keeps_the_rows_it_finished(checkpoint: Path, tmp_path: Path, how: str) -> None:
+    """Stopped midway (killed outright, or Ctrl-C), the CSV holds the header and whole rows for a prefix
+    of the images, each with its figure; Ctrl-C also says how many and exits 130 without a traceback."""
+    folder = tmp_path / "many"
+    images = [save(noise("L", (28, 28), seed=i), folder / f"img{i:03d}.png") for i in range(200)]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "src.predict", f"ckpt_path={checkpoint}", f"images={folder}"]
+    command += ["batch_size=2", f"hydra.run.dir={out}"]  # figures=true: ~0.1 s an image, a long run
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "predictions.csv").is_file() or (out / "predictions.csv").read_text().count("\n") < 3:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        process.send_signal(getattr(signal, how))
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    rows = read_predictions(out)
+    assert 2 <= len(rows) < len(images)
+    assert [row["path"] for row in rows] == [str(p) for p in images[: len(rows)]]
+    assert all(row["class"] in FASHION and (out / row["figure"]).is_file() for row in rows)
+    if how == "SIGKILL":
+        assert process.returncode == -signal.SIGKILL
+    else:
+        assert process.returncode == 130 and "Traceback" not in stderr, stderr
+        reported = int(re.search(r"interrupted after (\d+) of 200 images; their rows are in ", stderr).group(1))
+        assert reported <= len(rows) and stderr.strip().endswith(str(out / "predictions.csv")), stderr
