@@ -74,24 +74,30 @@ def _targets(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
             yield from _targets(v, f"{key}[{i}]")
 
 
-def check_targets(config: dict[str, Any], source: str | Path) -> None:
-    """Refuse a config that would instantiate anything outside ALLOWED_TARGETS."""
+def config_targets(config: Any) -> set[str]:
+    """Every `_target_` a config names (to trust what the user's own command line names)."""
+    return {target for _, target in _targets(config) if isinstance(target, str)}
+
+
+def check_targets(config: dict[str, Any], source: str | Path, trusted: set[str] = frozenset()) -> None:
+    """Refuse a config that would instantiate anything outside ALLOWED_TARGETS (or `trusted`, the targets
+    of the config the user is running now: a run resumed with its own callback names it again)."""
     for key, target in _targets(config):
-        if not isinstance(target, str) or not target.startswith(ALLOWED_TARGETS):
+        if not isinstance(target, str) or not (target.startswith(ALLOWED_TARGETS) or target in trusted):
             raise CheckpointError(
                 f"{source} refused: its config sets {key}._target_={target!r}, outside the allowed "
                 f"packages ({', '.join(ALLOWED_TARGETS)})"
             )
 
 
-def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
+def checkpoint_hparams(path: str | Path, trusted: set[str] = frozenset()) -> dict[str, Any]:
     """The hyper-parameters of one of our checkpoints (class names, input shape, normalization, run
-    config), its config checked. Memory-mapped: the weights are not read just for this."""
+    config), its config checked (see check_targets). Memory-mapped: the weights are not read for this."""
     content = read_checkpoint(path, mmap=True)
     hparams = content.get("hyper_parameters") if isinstance(content, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict) or "model" not in hparams["config"]:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no run config in its hyper-parameters)")
-    check_targets(hparams["config"], path)
+    check_targets(hparams["config"], path, trusted)
     return hparams
 
 
@@ -127,6 +133,5 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        content = read_checkpoint(path, map_location=map_location or "cpu")
-        check_targets((content.get("hyper_parameters") or {}).get("config") or {}, path)
-        return content
+        """Restores state only (nothing in it is instantiated), so its config needs no check here."""
+        return read_checkpoint(path, map_location=map_location or "cpu")

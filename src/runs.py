@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from src.checkpoints import SafeCheckpointIO, checkpoint_hparams, read_checkpoint
+from src.checkpoints import SafeCheckpointIO, checkpoint_hparams, config_targets, read_checkpoint
 from src.config import ConfigError
 from src.errors import RunInterrupted, one_line
 from src.reports import write_atomic
@@ -96,7 +96,8 @@ def resume_from(cfg: DictConfig) -> None:
     if cfg.ckpt_path is None:
         return
     checkpoint = Path(cfg.ckpt_path)
-    differ = differing_settings(cfg, checkpoint_hparams(checkpoint)["config"])
+    trusted = config_targets(OmegaConf.to_container(cfg, resolve=False))
+    differ = differing_settings(cfg, checkpoint_hparams(checkpoint, trusted)["config"])
     if differ:
         raise ConfigError(
             f"ckpt_path={checkpoint} was trained with other settings ({', '.join(differ)}); resume with the "

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import lightning as L
 
@@ -23,3 +24,13 @@ class RaiseDuringEpoch(KillDuringEpoch):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
         if trainer.current_epoch == self.epoch and idx == self.batch:
             raise RuntimeError(f"simulated crash in epoch {self.epoch}")
+
+
+class SleepEachBatch(L.Callback):
+    """Slow training down, so a test can signal the process while it is in the middle of an epoch."""
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        time.sleep(self.seconds)

@@ -1,0 +1,279 @@
+"""Trust: checkpoints never run code when opened, and every way a run ends leaves an honest, resumable record
+(diverged, at chance level, interrupted by SIGINT or SIGTERM, resumed with other settings, a bug)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, REPO_ROOT, cli_env, offline_dataset, run_cli, write_idx, write_image
+
+from src.callbacks import TrainingDiverged
+from src.checkpoints import CheckpointError, checkpoint_hparams, load_checkpoint, read_checkpoint
+from src.config import ConfigError
+from src.reports import chance_level, format_table, strict_json
+from src.train import train
+
+
+class CreatesFileWhenUnpickled:
+    """What a hostile checkpoint holds: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def strict_json_load(path: Path) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    write_idx(tmp_path / "data", n_train=80, gz=True)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def trained(compose_cfg, data, tmp_path) -> Path:
+    """A finished one-epoch run; returns its last.ckpt."""
+    train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=mlp", *FAST], tmp_path / "trained"))
+    return tmp_path / "trained" / "checkpoints" / "last.ckpt"
+
+
+def command(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+# --- safe loading ---------------------------------------------------------------------------------------
+def test_hostile_checkpoint_is_refused_by_predict_evaluate_and_train_and_runs_nothing(data, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": CreatesFileWhenUnpickled(marker)}, hostile)
+    image = tmp_path / "shoe.png"
+    write_image(image, "L", (28, 28), 50)
+    out = f"hydra.run.dir={tmp_path / 'out'}"
+    results = {
+        "predict": command("src.predict", f"ckpt_path={hostile}", f"images=[{image}]", out),
+        "evaluate": command("src.evaluate", f"ckpt_path={hostile}", out),
+        "train": command("src.train", *offline_dataset("fashion_mnist", data), *FAST, f"ckpt_path={hostile}", out),
+    }
+    for result in results.values():
+        assert_one_line_error(result, "refused", "run code (it names ")  # names what it would have called
+    assert not marker.exists(), "unpickling ran the checkpoint's code"
+
+
+def test_config_target_outside_the_allowed_packages_is_refused(trained, tmp_path):
+    content = torch.load(trained, weights_only=True)
+    content["hyper_parameters"]["config"]["callbacks"]["evil"] = {"_target_": "os.system", "command": "touch x"}
+    doctored = tmp_path / "doctored.ckpt"
+    torch.save(content, doctored)
+    with pytest.raises(CheckpointError, match="callbacks.evil._target_='os.system'"):
+        checkpoint_hparams(doctored)
+    result = command("src.evaluate", f"ckpt_path={doctored}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert_one_line_error(result, "os.system", "refused")
+
+
+def test_a_users_own_target_is_trusted_only_when_their_command_names_it(trained, tmp_path):
+    content = torch.load(trained, weights_only=True)
+    content["hyper_parameters"]["config"]["callbacks"]["mine"] = {"_target_": "crash.SleepEachBatch"}
+    theirs = tmp_path / "theirs.ckpt"
+    torch.save(content, theirs)
+    with pytest.raises(CheckpointError, match="crash.SleepEachBatch"):
+        checkpoint_hparams(theirs)
+    assert checkpoint_hparams(theirs, trusted={"crash.SleepEachBatch"})["class_names"]
+
+
+@pytest.mark.parametrize(
+    "optimizer", [["optimizer=sgd", "scheduler=onecycle"], ["optimizer=adamw", "scheduler=cosine"], ["scheduler=step"]]
+)
+def test_our_checkpoints_load_with_weights_only_for_every_optimizer_and_scheduler(
+    compose_cfg, data, tmp_path, optimizer
+):
+    train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=cnn2", *FAST, *optimizer]))
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        assert read_checkpoint(checkpoint)["optimizer_states"]
+        assert load_checkpoint(checkpoint).hparams.class_names
+
+
+def test_checkpoints_are_written_atomically_in_their_own_folder(trained, monkeypatch, tmp_path):
+    """Temporary file beside the checkpoint whatever TMPDIR is; none left behind; readable by others."""
+    folder = trained.parent
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "temporary file left"
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir())
+    for name in ("metrics.json", "job_status.json"):
+        assert (folder.parent / name).stat().st_mode & 0o777 == 0o644, name
+
+
+# --- divergence and chance level -----------------------------------------------------------------------
+def test_nan_or_inf_loss_stops_the_run_naming_epoch_and_step(compose_cfg, data, tmp_path):
+    cfg = compose_cfg(
+        [*offline_dataset("fashion_mnist", data), "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6", *FAST]
+    )
+    with pytest.raises(TrainingDiverged, match=r"epoch 0, step \d+; try a lower optimizer.lr \(now 1e\+06\)"):
+        train(cfg)
+    status = strict_json_load(tmp_path / "run" / "job_status.json")
+    assert status["status"] == "FAILED" and "training diverged" in status["error"]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_diverged_cli_run_is_one_line_and_exit_1(data, tmp_path):
+    args = [*offline_dataset("fashion_mnist", data), *FAST, "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6"]
+    assert_one_line_error(run_cli(*args, f"hydra.run.dir={tmp_path / 'r'}"), "training diverged", "optimizer.lr")
+
+
+def test_run_at_chance_level_says_so_in_metrics_and_table(compose_cfg, tmp_path, capsys):
+    """Every test image of one class: guessing it scores 100%, so no model beats chance here."""
+    write_idx(tmp_path / "one", n_train=80, test_labels=[3] * 12)
+    train(compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "one"), "model=mlp", *FAST]))
+    metrics = strict_json_load(tmp_path / "run" / "metrics.json")
+    assert metrics["test/chance_level"] == 1.0 and metrics["test/at_chance_level"] is True
+    assert "is at chance level (1.0000)" in capsys.readouterr().out
+
+
+def test_chance_level_is_the_most_common_test_class_and_json_is_strict():
+    assert chance_level([[5, 0], [5, 0]]) == 0.5
+    assert chance_level([[1, 2, 0], [0, 1, 0], [0, 0, 1]]) == 0.6
+    assert strict_json({"a": math.nan, "b": [math.inf, 1.0], "c": {"d": -math.inf}}) == {
+        "a": None, "b": [None, 1.0], "c": {"d": None}
+    }  # fmt: skip
+    assert "WARNING" not in format_table({"test/acc": 0.9, "test/at_chance_level": False, "test/chance_level": 0.1})
+
+
+# --- resume ---------------------------------------------------------------------------------------------
+def test_resume_with_other_settings_is_refused_listing_them(compose_cfg, data, trained, tmp_path):
+    common = [*offline_dataset("fashion_mnist", data), "model=mlp", *FAST, f"ckpt_path={trained}"]
+    with pytest.raises(ConfigError, match=r"other settings \(model.hidden, optimizer.lr\)"):
+        train(compose_cfg([*common, "model.hidden=[8]", "optimizer.lr=0.1"], tmp_path / "r1"))
+    assert not (tmp_path / "r1" / "metrics.json").exists()
+    longer = [o if not o.startswith("trainer.max_epochs") else "trainer.max_epochs=2" for o in common]
+    train(compose_cfg(longer, tmp_path / "r2"))  # training longer is what resuming is for
+    # (in-process runs have no .hydra folder, so this one writes to r2 instead of the trained run's folder)
+    assert strict_json_load(tmp_path / "r2" / "metrics.json")["epochs"] == 2
+
+
+# --- interruption ---------------------------------------------------------------------------------------
+def start_training(args: list[str]) -> subprocess.Popen:
+    """A real `python -m src.train` process, with SIGINT at its default disposition (as in a terminal)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.train", *args],
+        cwd=REPO_ROOT,
+        env={**cli_env(), "PYTHONPATH": str(REPO_ROOT / "tests")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_leaves_a_checkpoint_a_status_and_the_command_that_finishes_the_run(data, tmp_path, signum):
+    runs = tmp_path / "outputs"
+    run_dir = runs / "run"
+    args = [
+        *offline_dataset("fashion_mnist", data),
+        "model=mlp",
+        *[o for o in FAST if not o.startswith("trainer.max_epochs")],
+        "trainer.max_epochs=4",
+        "+callbacks.slow._target_=crash.SleepEachBatch",
+        "+callbacks.slow.seconds=0.1",
+        f"paths.runs_root={runs}",
+    ]
+    process = start_training([*args, f"hydra.run.dir={run_dir}"])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 90
+    while not (last.exists() and read_checkpoint(last)["global_step"] > 0):  # epoch 0 is done: in epoch 1 now
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    status = strict_json_load(run_dir / "job_status.json")
+    assert status["status"] == "INTERRUPTED" and status["signal"] == name
+    assert status["epochs_completed"] >= 1 and status["epoch"] >= 1
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["epoch"] == status["epochs_completed"] - 1
+    resume = status["resume_command"]
+    assert resume.endswith("resume=true") and f"continue with: {resume}" in stderr, stderr
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")], "half-written file"
+
+    summary = command("src.summarize", str(runs))
+    assert summary.returncode == 0 and "| INTERRUPTED |" in summary.stdout and resume in summary.stdout
+
+    argv = shlex.split(resume)[3:]  # after "python -m src.train", as a shell would split it
+    finished = subprocess.run(
+        [sys.executable, "-m", "src.train", *argv, f"hydra.run.dir={runs / 'continued'}"],
+        cwd=REPO_ROOT, env={**cli_env(), "PYTHONPATH": str(REPO_ROOT / "tests")}, capture_output=True, text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert strict_json_load(run_dir / "job_status.json")["status"] == "COMPLETED"
+    assert strict_json_load(run_dir / "metrics.json")["epochs"] == 4
+
+
+def test_signal_in_the_first_epoch_can_be_continued_from_the_start_checkpoint(data, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *offline_dataset("fashion_mnist", data),
+        "model=mlp",
+        *FAST,
+        "+callbacks.slow._target_=crash.SleepEachBatch",
+    ]
+    process = start_training([*args, f"hydra.run.dir={run_dir}"])
+    wait_for(run_dir / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    status = strict_json_load(run_dir / "job_status.json")
+    assert status["status"] == "INTERRUPTED" and status["epochs_completed"] == 0, stdout + stderr
+    assert "ckpt_path=" in status["resume_command"]  # the run is not under paths.runs_root: its checkpoint
+
+
+# --- bugs keep their traceback ----------------------------------------------------------------------------
+def test_unexpected_exception_keeps_its_traceback_on_stderr_and_in_the_log(data, tmp_path):
+    run_dir = tmp_path / "crashed"
+    crash = ["+callbacks.crash._target_=crash.RaiseDuringEpoch", "+callbacks.crash.epoch=0"]
+    args = [*offline_dataset("fashion_mnist", data), "model=mlp", *FAST, *crash, f"hydra.run.dir={run_dir}"]
+    result = run_cli(*args, env={"PYTHONPATH": str(REPO_ROOT / "tests")})
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "RuntimeError: simulated crash in epoch 0" in result.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "Traceback" in log and "simulated crash in epoch 0" in log
+    status = strict_json_load(run_dir / "job_status.json")
+    assert status == {**status, "status": "FAILED", "error": "simulated crash in epoch 0"}
+    assert os.access(run_dir / "job_status.json", os.R_OK)
