@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from src.classifier import ClassifierModule
-from src.errors import UserError
+from src.errors import UserError, one_line
 
 # What a run config may instantiate: our own packages and the library classes the config groups name.
 # Not all of torch: `torch.hub.load` or `torch.load` as a target would run or fetch code.
@@ -57,9 +57,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - anything unreadable is "not a checkpoint we can open"
-        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported" in str(e):  # weights_only met a function, class or opcode it does not allow
             raise _refusal(path, e) from e
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        why = f"not written by PyTorch, or cut short: {type(e).__name__}: {e}"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({why})") from e
 
 
 def _targets(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
@@ -107,7 +108,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     hparams = checkpoint_hparams(path)
     num_classes = len(hparams["class_names"])
     net = instantiate(hparams["config"]["model"], input_shape=hparams["input_shape"], num_classes=num_classes)
-    module = ClassifierModule.load_from_checkpoint(path, net=net, map_location=map_location, weights_only=True)
+    try:
+        module = ClassifierModule.load_from_checkpoint(path, net=net, map_location=map_location, weights_only=True)
+    except RuntimeError as e:  # weights that do not fit the architecture its own config names
+        raise CheckpointError(f"{path} does not match its own model config ({one_line(e)})") from e
     return module.eval()
 
 

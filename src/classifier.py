@@ -130,9 +130,3 @@ class ClassifierModule(L.LightningModule):
                 raise ValueError(f"the scheduler needs more training steps than {total or given} ({e})") from e
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
-
-
-def load_checkpoint(*args: Any, **kwargs: Any) -> ClassifierModule:  # TEMPORARY: predict moves to src.checkpoints
-    from src.checkpoints import load_checkpoint as load
-
-    return load(*args, **kwargs)

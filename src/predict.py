@@ -40,10 +40,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from src.classifier import ClassifierModule, load_checkpoint
+from src.checkpoints import load_checkpoint
+from src.classifier import ClassifierModule
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
-from src.errors import RunInterrupted, UserError, one_line, report_errors
+from src.errors import RunInterrupted, UserError, report_errors
 
 MODES = {1: "L", 3: "RGB"}  # input_shape[0] -> the PIL mode the model was trained on
 PRINT_EACH = 20  # up to this many images, one console line each; beyond, progress lines (the CSV has all)
@@ -159,13 +160,7 @@ def _load(ckpt_path: str, device: torch.device) -> ClassifierModule:
         raise PredictError(
             f"ckpt_path={path} is a folder; give a .ckpt file" + (f", e.g. ckpt_path={hint}" if hint else "")
         )
-    try:
-        module = load_checkpoint(path, map_location=device)
-    except UserError:
-        raise  # missing, unreadable or refused: already one line
-    except Exception as e:  # noqa: BLE001 - a checkpoint of another project/version: say so in one line
-        raise PredictError(f"cannot load checkpoint {path}: {type(e).__name__}: {one_line(e)}") from e
-    return module.to(device).eval()
+    return load_checkpoint(path, map_location=device).to(device).eval()
 
 
 def _figure_name(path: Path, used: set[str]) -> str:

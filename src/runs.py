@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 
 # Overrides that say where a run writes or whether it resumes, not what it computes.
 NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=")
-# Settings a resumed run may change: training longer is what resuming is for.
-RESUMABLE_CHANGES = ("trainer.max_epochs",)
+# Settings a resumed run may change: training longer is what resuming is for; the rest only changes what
+# the console shows, never a result.
+RESUMABLE_CHANGES = (
+    "trainer.max_epochs",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "callbacks.progress_bar",
+)
 
 
 def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
@@ -52,9 +58,9 @@ def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
 
 
 def _settings(overrides: Path | list[str]) -> list[str]:
-    """A run's overrides that define what it computes (max_epochs included only if it is not resumable)."""
+    """A run's overrides that define what it computes (not RESUMABLE_CHANGES)."""
     items = OmegaConf.load(overrides) if isinstance(overrides, Path) else overrides
-    ignored = (*NOT_SETTINGS, *(f"{key}=" for key in RESUMABLE_CHANGES))
+    ignored = (*NOT_SETTINGS, *(f"{key}{end}" for key in RESUMABLE_CHANGES for end in "=."))
     return sorted(o for o in items if not o.lstrip("+~").startswith(ignored))
 
 
@@ -89,10 +95,16 @@ def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
 
 def resume_from(cfg: DictConfig) -> None:
     """`ckpt_path=PATH` or `resume=true`: continue the run that wrote the checkpoint, in its own directory,
-    so its best-checkpoint tracking, TensorBoard curves and metrics.json carry on. Refused when any setting
-    except RESUMABLE_CHANGES differs from that run's: its results would otherwise be silently rewritten."""
+    so its best-checkpoint tracking, TensorBoard curves and metrics.json carry on. A run directory that
+    already holds a run is continued too, never overwritten (so a requeued job picks up where it stopped).
+    Refused when any setting except RESUMABLE_CHANGES differs from that run's: its results would otherwise
+    be silently rewritten."""
     if cfg.resume and cfg.ckpt_path is None:
         cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path is None and own.is_file():  # a requeued SLURM job, or hydra.run.dir of an earlier run
+        log.info("%s already holds a run: continuing it", cfg.paths.output_dir)
+        cfg.ckpt_path = str(own)
     if cfg.ckpt_path is None:
         return
     checkpoint = Path(cfg.ckpt_path)
@@ -101,7 +113,7 @@ def resume_from(cfg: DictConfig) -> None:
     if differ:
         raise ConfigError(
             f"ckpt_path={checkpoint} was trained with other settings ({', '.join(differ)}); resume with the "
-            f"same ones (only {', '.join(RESUMABLE_CHANGES)} may change), or start a new run without ckpt_path"
+            "same ones (only trainer.max_epochs and console settings may change), or start a new run without ckpt_path"
         )
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from src.errors import one_line
+from src.errors import UserError, one_line, report_errors
 from src.reports import write_atomic
 
 COLUMNS = ("run", "status", "overrides", "val/loss", "val/acc", "test/acc", "test/loss", "epochs", "wall_time_s")
@@ -161,16 +161,20 @@ class SweepSummary(Callback):
             print(f"\nwritten: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}")
 
 
+def summarize_command(sweep_dir: Path, metric: str) -> None:
+    if not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir} is not a directory")
+    if not collect(sweep_dir):
+        raise UserError(f"no runs (folders with .hydra/overrides.yaml) under {sweep_dir}")
+    print(summarize(sweep_dir, metric))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Results table of a sweep directory (or any folder of runs).")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--metric", default="val/acc", help="sort by this metric (default: val/acc)")
     args = parser.parse_args()
-    if not args.sweep_dir.is_dir():
-        parser.exit(1, f"error: {args.sweep_dir} is not a directory\n")
-    if not collect(args.sweep_dir):
-        parser.exit(1, f"error: no runs (folders with .hydra/overrides.yaml) under {args.sweep_dir}\n")
-    print(summarize(args.sweep_dir, args.metric))
+    report_errors(lambda: summarize_command(args.sweep_dir, args.metric))
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ import lightning as L
 
 
 class KillDuringEpoch(L.Callback):
-    """SIGKILL this process at the given batch of the given epoch: no cleanup, no final checkpoint."""
+    """SIGKILL this process at the given batch of the given epoch: no cleanup, no final checkpoint. Only in a
+    fresh run, so the resumed run (which must name the same callbacks) gets past it."""
 
     def __init__(self, epoch: int, batch: int = 1) -> None:
         self.epoch, self.batch = epoch, batch
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, idx: int) -> None:
-        if trainer.current_epoch == self.epoch and idx == self.batch:
+        if trainer.ckpt_path is None and trainer.current_epoch == self.epoch and idx == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -330,7 +330,7 @@ def test_predict_bad_options(checkpoint: Path, tmp_path: Path, case: str, expect
 
 def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The printed top class is the model's own argmax on the normalized 28x28 tensor."""
-    from src.classifier import load_checkpoint
+    from src.checkpoints import load_checkpoint
 
     image = save(noise("RGB", (56, 56), seed=7), tmp_path / "big.png")
     status = predict(compose_predict(f"ckpt_path={checkpoint}", f"images={image}", "top_k=20"), tmp_path / "out")
@@ -382,7 +382,7 @@ def test_figures_false_writes_one_csv_row_per_image_and_no_figures(
 def test_batched_predictions_equal_per_image_ones(checkpoint: Path, tmp_path: Path) -> None:
     """A mixed folder (sizes, modes, formats, an unreadable file mid-batch) in batches of 3 gives each image
     the class and probabilities it gets alone through load_image + to_tensor + the model."""
-    from src.classifier import load_checkpoint
+    from src.checkpoints import load_checkpoint
 
     folder = tmp_path / "mixed"
     for i in range(12):

@@ -167,7 +167,8 @@ def test_run_killed_during_epoch_3_resumes_to_the_uninterrupted_result(compose_c
     assert not (killed / "metrics.json").exists()
     assert not [p for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")], "half-written file left"
 
-    resumed = run_cli(*common, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'r'}")
+    last = f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"
+    resumed = run_cli(*common, *crash, last, f"hydra.run.dir={tmp_path / 'r'}", env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = json.loads((killed / "metrics.json").read_text())  # the resumed run continues in its own directory
     assert after["epochs"] == full["epochs"] == 4

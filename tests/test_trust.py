@@ -277,3 +277,13 @@ def test_unexpected_exception_keeps_its_traceback_on_stderr_and_in_the_log(data,
     status = strict_json_load(run_dir / "job_status.json")
     assert status == {**status, "status": "FAILED", "error": "simulated crash in epoch 0"}
     assert os.access(run_dir / "job_status.json", os.R_OK)
+
+
+def test_a_run_directory_that_holds_a_run_is_continued_never_overwritten(compose_cfg, data, tmp_path):
+    """What a requeued SLURM job does: the same command in the same directory carries on from last.ckpt."""
+    common = [*offline_dataset("fashion_mnist", data), "model=mlp", *[o for o in FAST if "max_epochs" not in o]]
+    train(compose_cfg([*common, "trainer.max_epochs=1"], tmp_path / "job"))
+    train(compose_cfg([*common, "trainer.max_epochs=2"], tmp_path / "job"))
+    assert strict_json_load(tmp_path / "job" / "metrics.json")["epochs"] == 2
+    with pytest.raises(ConfigError, match=r"other settings \(optimizer.lr\)"):
+        train(compose_cfg([*common, "trainer.max_epochs=3", "optimizer.lr=0.5"], tmp_path / "job"))
