@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 FASHION_MNIST := data/FashionMNIST/raw/train-images-idx3-ubyte
 
-.PHONY: train test lint clean-venv
+.PHONY: train test lint clean-venv results
 
 .venv/installed: pyproject.toml
 	python3 -m venv .venv || (apt-get install -y -q python3-venv && python3 -m venv .venv) \
@@ -30,3 +30,7 @@ lint: .venv/installed
 
 clean-venv:
 	rm -rf .venv
+
+# Re-measure the README's result tables and rewrite them (hours on 2 cores): make results ARGS="--only NAME --cifar-dir DIR"
+results: .venv/installed
+	$(PY) -m benchmarks.results $(ARGS)
