@@ -73,3 +73,19 @@ class CheckpointAtStart(L.Callback):
         if not last.exists():
             trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
             checkpoint.last_model_path = str(last)  # so ModelCheckpoint overwrites it rather than add last-v1
+
+
+class ReseedEachEpoch(L.Callback):
+    """Seeds the global RNGs from (seed, epoch) at every epoch start, so augmentation and dropout of an
+    epoch do not depend on what ran before it: a run resumed from an epoch-end checkpoint repeats exactly
+    what the uninterrupted run did (with num_workers=0; worker processes draw their own seeds)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from numpy.random import SeedSequence
+
+        # A hash of (seed, epoch, rank): seed 1 in epoch 0 must not replay seed 0 in epoch 1.
+        entropy = SeedSequence([self.seed, trainer.current_epoch, trainer.global_rank])
+        L.seed_everything(int(entropy.generate_state(1)[0]), workers=True, verbose=False)

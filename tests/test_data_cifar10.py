@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CIFAR_CLASSES, UNEVEN_TEST_LABELS, model_batch, write_cifar_batches
+from torchvision import datasets
 
 from src.data import DataError
 from src.data.cifar10 import CIFAR10DataModule
@@ -63,6 +64,19 @@ def test_missing_cifar10_names_dataset_and_where_it_looked(tmp_path):
         cifar(tmp_path / "data").prepare_data()
     message = str(info.value)
     assert "CIFAR-10 not found" in message and str(tmp_path / "data") in message
+
+
+def test_failed_cifar10_download_is_reported_after_the_local_folders(tmp_path, monkeypatch):
+    def unreachable(self):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", unreachable)
+    copy = tmp_path / "copy"
+    with pytest.raises(DataError) as info:
+        cifar(tmp_path / "data", local_copies=[str(copy)], download=True).prepare_data()
+    message = str(info.value)
+    assert "CIFAR-10 not found" in message and "download failed: OSError: network is unreachable" in message
+    assert str(copy / "cifar-10-batches-py") in message and "data_batch_1..5" in message
 
 
 def test_missing_cifar10_test_batch_is_a_data_error_naming_it(tmp_path):

@@ -1,4 +1,5 @@
-"""MNIST / Fashion-MNIST datamodules on tiny IDX files (both layouts, local copies), and the seeded split."""
+"""MNIST / Fashion-MNIST datamodules on tiny IDX files (both layouts, local copies), and the seeded split
+(val_fraction or k-fold)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from conftest import (
     idx_images_bytes,
     idx_labels_bytes,
     model_batch,
+    offline_dataset,
     write_idx,
 )
+from hydra.utils import instantiate
+from torchvision import datasets
 
+from src.config import validate
 from src.data import DataError
 from src.data.mnist import FashionMNISTDataModule, MNISTDataModule
 
@@ -130,6 +135,19 @@ def test_missing_idx_data_names_dataset_and_where_it_looked(tmp_path):
     assert "FashionMNIST" in message and "not found" in message
     assert str(tmp_path / "data") in message and str(copy) in message
     assert "download" in message
+
+
+def test_failed_download_is_reported_after_the_local_folders(tmp_path, monkeypatch):
+    def unreachable(self):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets.FashionMNIST, "download", unreachable)
+    copy = tmp_path / "nowhere"
+    with pytest.raises(DataError) as info:
+        fashion(tmp_path / "data", local_copies=[str(copy)], download=True).prepare_data()
+    message = str(info.value)
+    assert "download failed: OSError: network is unreachable" in message and str(copy) in message
+    assert "apt-get install dataset-fashion-mnist" in message
 
 
 def test_incomplete_idx_folder_counts_as_missing(tmp_path):
@@ -267,3 +285,60 @@ def test_too_few_images_for_a_val_split_is_a_data_error():
     dm = FashionMNISTDataModule(val_fraction=0.5, **OFFLINE)
     with pytest.raises(DataError, match="too few"):
         dm.split_indices(1)
+
+
+def test_default_split_is_the_one_earlier_versions_gave():
+    """Without folds, the split must not move: results of earlier runs stay comparable."""
+    dm = FashionMNISTDataModule(val_fraction=0.25, seed=7, **OFFLINE)
+    assert dm.split_indices(12) == ([5, 7, 9, 11, 6, 8, 1, 10, 2], [3, 4, 0])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_k_folds_validate_on_disjoint_parts_that_cover_the_training_set(tmp_path, in_memory):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    vals = []
+    for fold in range(3):
+        dm = ready(fashion(tmp_path, folds=3, fold=fold, seed=4, in_memory=in_memory))
+        train, val = [int(i) for i in dm.train_set.indices], [int(i) for i in dm.val_set.indices]
+        assert sorted(train) == sorted(set(range(80)) - set(val))  # train is the complement of its fold
+        assert len(val) in (26, 27)
+        vals.append(val)
+    assert sorted(i for val in vals for i in val) == list(range(80))  # disjoint, and together the whole set
+    assert len(dm.test_set) == len(UNEVEN_TEST_LABELS)  # the test split is not touched
+
+
+def test_fold_i_of_k_is_the_i_th_part_of_the_permutation_seeded_by_dataset_seed():
+    torch.manual_seed(0)  # the global RNG must not matter
+    train, val = FashionMNISTDataModule(folds=4, fold=1, seed=3, **OFFLINE).split_indices(40)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3)).tolist()
+    assert (train, val) == (order[:10] + order[20:], order[10:20])
+    assert FashionMNISTDataModule(folds=4, fold=1, seed=4, **OFFLINE).split_indices(40)[1] != val
+
+
+@pytest.mark.parametrize(
+    ("folds", "fold", "key"),
+    [
+        (1, 0, "dataset.folds"),
+        (None, 2, "dataset.folds"),
+        (5, 5, "dataset.fold"),
+        (5, -1, "dataset.fold"),
+        (5, None, "dataset.fold"),
+    ],
+)
+def test_fold_settings_out_of_range_are_a_data_error_naming_the_key(folds, fold, key):
+    with pytest.raises(DataError, match=rf"^{key} must"):
+        FashionMNISTDataModule(folds=folds, fold=fold, **OFFLINE)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "mnist", "cifar10", "image_folder"])
+def test_every_dataset_config_takes_folds_from_the_command_line(compose_cfg, tmp_path, dataset):
+    cfg = compose_cfg([*offline_dataset(dataset, tmp_path), "dataset.folds=5", "dataset.fold=4"])
+    validate(cfg)
+    dm = instantiate(cfg.dataset)
+    assert (dm.folds, dm.fold) == (5, 4)
+    assert compose_cfg(offline_dataset(dataset, tmp_path)).dataset.folds is None  # val_fraction by default
+
+
+def test_fewer_images_than_folds_is_a_data_error():
+    with pytest.raises(DataError, match="too few for dataset.folds=5"):
+        FashionMNISTDataModule(folds=5, fold=0, **OFFLINE).split_indices(4)

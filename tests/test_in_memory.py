@@ -1,5 +1,5 @@
-"""The in-memory data path: batch augmentation with the per-sample semantics, the uint8 cache, and the
-same batches (order, DDP shards, pixels) as the per-sample path."""
+"""The in-memory data path: batch augmentation with the per-sample semantics, the uint8 cache, device
+placement, and the same batches (order, DDP shards, pixels) as the per-sample path."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from src.data.batch_augment import BatchAugment, random_crop, random_hflip, rotate
 from src.data.image_folder import ImageFolderDataModule
+from src.data.in_memory import InMemoryPath
 from src.data.mnist import FashionMNISTDataModule
+from src.data.per_sample import PerSamplePath
 
 
 def fashion(data_dir, **kwargs) -> FashionMNISTDataModule:
@@ -152,3 +154,26 @@ def test_cache_write_removes_dead_writers_temp_files_and_keeps_live_ones(tmp_pat
     assert live.exists() and new_elsewhere.exists()
     (written,) = cache.glob(f"{stem}-*.pt")
     assert stat.S_IMODE(written.stat().st_mode) == 0o644
+
+
+def test_on_an_accelerator_the_splits_move_once_and_val_shares_trains_copy(tmp_path):
+    """The meta device stands in for a GPU: what is moved where, without a GPU."""
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    dm = fashion(tmp_path, in_memory=True)
+    meta = SimpleNamespace(root_device=torch.device("meta"))
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=meta)
+    train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
+    assert {loader.dataset.images.device.type for loader in (train, val, test)} == {"meta"}
+    assert val.dataset.images is train.dataset.images and test.dataset.images is not train.dataset.images
+    assert dm.train_dataloader().dataset.images is train.dataset.images  # moved once, not every epoch
+    assert dm.train_set.images.device.type == "cpu"  # the host copy stays as it was
+
+
+@pytest.mark.parametrize(("in_memory", "path"), [(True, InMemoryPath), (False, PerSamplePath), ("auto", InMemoryPath)])
+def test_in_memory_setting_picks_the_data_path_once(tmp_path, in_memory, path):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=40)
+    dm = fashion(tmp_path, in_memory=in_memory)
+    chosen = dm.path
+    assert type(chosen) is path
+    dm.setup("test")
+    assert dm.path is chosen

@@ -1,8 +1,8 @@
 """Normalization and train augmentation of a whole uint8 batch as tensor ops on its device, with the
-semantics of the per-sample torchvision path (`ImageClassificationDataModule.train_transform`):
+semantics of the per-sample torchvision path (`PerSamplePath.view` in `per_sample.py`):
 RandomCrop(size, padding) with zero fill, RandomHorizontalFlip(0.5), RandomRotation(degrees) with nearest
 interpolation and zero fill, in that order, then ToTensor and Normalize. Randomness comes from the torch
-RNG of the batch's device, which `ReseedEachEpoch` seeds per epoch (so resumed runs repeat it).
+RNG of the batch's device, which `src.callbacks.ReseedEachEpoch` seeds per epoch (so resumed runs repeat it).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ it, or a file that does not unpickle, is reported as corrupt by name.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
-from src.data.common import DataError, ImageClassificationDataModule
+from src.data.common import DataError, ImageClassificationDataModule, LocalOrDownload
 
 OFFICIAL_BATCH_SIZE = 10_000
 
@@ -37,54 +36,41 @@ class _CIFAR10(datasets.CIFAR10):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
-class CIFAR10DataModule(ImageClassificationDataModule):
+class CIFAR10DataModule(LocalOrDownload, ImageClassificationDataModule):
     """CIFAR-10: 32x32 colour images of 10 classes; `data_dir` may hold `cifar-10-batches-py/` or be it."""
 
-    def __init__(self, local_copies: Sequence[str] = (), download: bool = True, **kwargs: Any) -> None:
+    dataset_class = datasets.CIFAR10
+    title = "CIFAR-10"
+    expected = "data_batch_1..5, test_batch and batches.meta"
+    how_to_get = "Extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into dataset.data_dir"
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.local_copies = [Path(p).expanduser() for p in local_copies]
-        self.download = download
         self._verified: set[Path] = set()
 
-    def _candidates(self) -> list[Path]:
+    def looked_in(self) -> list[Path]:
         folders = [self.data_dir]
         for root in (self.data_dir, *self.local_copies):
             folders += [root / datasets.CIFAR10.base_folder, root]
         return list(dict.fromkeys(folders))
 
-    def batches_dir(self) -> Path | None:
-        for folder in self._candidates():
-            if (folder / "data_batch_1").is_file() and (folder / "batches.meta").is_file():
-                return folder
-        return None
+    def use_local(self, folder: Path) -> bool:
+        return (folder / "data_batch_1").is_file() and (folder / "batches.meta").is_file()
 
-    def prepare_data(self) -> None:
-        if self.batches_dir() is not None:
-            return
-        failure = "download disabled (dataset.download=false)"
-        if self.download:
-            try:
-                datasets.CIFAR10(str(self.data_dir), train=True, download=True)
-                return
-            except Exception as e:  # noqa: BLE001 - reported below
-                failure = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        where = ", ".join(str(p) for p in self._candidates())
-        raise DataError(
-            f"CIFAR-10 not found: looked for data_batch_1..5, test_batch and batches.meta in {where}; {failure}. "
-            "Extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into dataset.data_dir"
-        )
+    def batches_dir(self) -> Path:
+        self.prepare_data()
+        return next(folder for folder in self.looked_in() if self.use_local(folder))
 
-    def verify(self, folder: Path, names: list[str]) -> None:
+    def verify(self, paths: list[Path]) -> None:
         """MD5 for official files; a mismatch is fine only for a well-formed batch of another size."""
         official = dict(datasets.CIFAR10.train_list + datasets.CIFAR10.test_list)
         official[datasets.CIFAR10.meta["filename"]] = datasets.CIFAR10.meta["md5"]
-        for name in names:
-            path = folder / name
+        for path in paths:
             if path in self._verified:
                 continue
             if not path.is_file():
                 raise DataError(f"CIFAR-10 file missing: {path}; extract the complete cifar-10-batches-py there")
-            if not check_integrity(str(path), official[name]):
+            if not check_integrity(str(path), official[path.name]):
                 try:
                     with open(path, "rb") as f:
                         content = pickle.load(f, encoding="latin1")
@@ -96,9 +82,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             self._verified.add(path)
 
     def source_files(self, train: bool) -> list[Path]:
-        self.prepare_data()
         folder = self.batches_dir()
-        assert folder is not None
         files = [n for n, _ in (datasets.CIFAR10.train_list if train else datasets.CIFAR10.test_list)]
         return [folder / name for name in [*files, datasets.CIFAR10.meta["filename"]]]
 
@@ -106,11 +90,9 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
 
     def load(self, train: bool) -> datasets.CIFAR10:
-        self.prepare_data()
-        folder = self.batches_dir()
-        assert folder is not None
-        files = [n for n, _ in (datasets.CIFAR10.train_list if train else datasets.CIFAR10.test_list)]
-        self.verify(folder, [*files, datasets.CIFAR10.meta["filename"]])
+        paths = self.source_files(train)
+        self.verify(paths)
+        folder = paths[0].parent
         try:
             dataset = _CIFAR10(folder.parent, folder.name, train=train)
         except Exception as e:  # noqa: BLE001
@@ -120,7 +102,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         if len(bad):
             label = int(bad[0])
             raise DataError(
-                f"{self._holding(folder, files, label)}: label {label} is outside 0..{len(dataset.classes) - 1} "
+                f"{self._holding(paths[:-1], label)}: label {label} is outside 0..{len(dataset.classes) - 1} "
                 f"({folder / datasets.CIFAR10.meta['filename']} names {len(dataset.classes)} classes); "
                 "the file is corrupt or not CIFAR-10; replace it"
             )
@@ -129,10 +111,10 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         return dataset
 
     @staticmethod
-    def _holding(folder: Path, files: list[str], label: int) -> Path:
+    def _holding(paths: list[Path], label: int) -> Path:
         """The batch file with `label` (read again only on this error path: torchvision merges the batches)."""
-        for name in files:
-            with open(folder / name, "rb") as f:
+        for path in paths:
+            with open(path, "rb") as f:
                 if label in pickle.load(f, encoding="latin1").get("labels", ()):
-                    return folder / name
-        return folder
+                    return path
+        return paths[0].parent

@@ -1,12 +1,10 @@
-"""What every datamodule shares: the seeded train/val split, the two data paths, loaders and clear errors.
+"""What every datamodule shares: the seeded train/val split (or k-fold), class and label checks, the
+samplers that fix the training order, local copies before a download, and clear errors.
 
 A subclass only says where its images come from (`source_files`, `load`, and a fast `decode` where it has
-one); everything a model needs to build itself (`input_shape`, `class_names`) is read from the data, never
-hard-coded. Two paths serve the same batches:
-- in memory (the default where the data fits): each split decoded once into a cached uint8 tensor, batches
-  sliced from it, normalized and augmented on the training device (`in_memory.py`, `batch_augment.py`);
-- per sample (`dataset.in_memory=false`, for image folders too big for memory): torchvision transforms on
-  every PIL image, in DataLoader workers if `num_workers` > 0.
+one); `input_shape` and `class_names` are read from the data, never hard-coded. `setup` picks once the
+`DataPath` that serves the splits: `InMemoryPath` (`in_memory.py`: decoded uint8 tensors, batch augmentation
+on the device; the default where the data fits) or `PerSamplePath` (`per_sample.py`: PIL transforms per image).
 """
 
 from __future__ import annotations
@@ -16,17 +14,18 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
-from src.data.batch_augment import BatchAugment
-from src.data.in_memory import SlicedBatches, TensorImages, available_memory, cached_tensors, fingerprint, keep_batch
+from src.callbacks import ReseedEachEpoch  # noqa: F401 - checkpoints of earlier runs name it here
+from src.data.in_memory import InMemoryPath
+from src.data.per_sample import PerSamplePath
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,22 +35,15 @@ class DataError(UserError):
     """Missing, corrupt or unusable data: the message says which file and how to fix it."""
 
 
-class _Transformed(Dataset):
-    """A view of `base` (PIL image, label) pairs restricted to `indices`, with its own transform.
+class DataPath(Protocol):
+    """How the splits are read and served. `read`: (source, labels, class names) of a split, None when there
+    is no test split; `view`: a Dataset of `source` at `indices` (None: all), augmented when `train`;
+    `loader`: its batches in `sampler`'s order; `after_transfer`: a batch as the model takes it."""
 
-    Train and val share one decoded base dataset but need different transforms (augmentation).
-    """
-
-    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Any) -> None:
-        self.base, self.transform = base, transform
-        self.indices = list(range(len(base))) if indices is None else list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[self.indices[i]]
-        return self.transform(image), int(label)
+    def read(self, train: bool) -> tuple[Any, torch.Tensor, list[str]] | None: ...
+    def view(self, source: Any, indices: Sequence[int] | None, train: bool) -> Dataset: ...
+    def loader(self, dataset: Dataset, sampler: Sampler | None, generator: torch.Generator) -> DataLoader: ...
+    def after_transfer(self, batch: Any, train: bool) -> Any: ...
 
 
 def writable_dir(path: Path) -> Path:
@@ -67,11 +59,8 @@ def writable_dir(path: Path) -> Path:
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Seeded train/val split of a training set, the official test split, and per-dataset transforms.
-
-    Subclasses implement `load(train)` returning a dataset of (PIL image, label) pairs, and set
-    `class_names` and `input_shape` (C, H, W) from the files they read.
-    """
+    """Seeded train/val split of a training set and the official test split. Subclasses implement `load` and
+    `source_files`, and set `class_names` and `input_shape` (C, H, W) from the files they read."""
 
     def __init__(
         self,
@@ -79,6 +68,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         val_fraction: float = 0.1,
+        folds: int | None = None,
+        fold: int | None = None,
         seed: int = 42,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
@@ -88,7 +79,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         in_memory: bool | str = "auto",
     ) -> None:
         """`in_memory`: true, false, or "auto" (in memory when the decoded images take under half the
-        available RAM)."""
+        available RAM). `folds`=K, `fold`=I: validate on fold I of K instead of `val_fraction`."""
         super().__init__()
         if in_memory not in (True, False, "auto"):
             raise DataError(f"dataset.in_memory must be true, false or auto, got {in_memory!r}")
@@ -96,18 +87,19 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"dataset.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         if batch_size < 1:
             raise DataError(f"dataset.batch_size must be at least 1, got {batch_size}")
+        if (folds, fold) != (None, None) and (folds is None or folds < 2):
+            raise DataError(f"dataset.folds must be at least 2 when dataset.fold is set, got {folds}")
+        if folds is not None and (fold is None or not 0 <= fold < folds):
+            raise DataError(f"dataset.fold must be one of 0..{folds - 1} with dataset.folds={folds}, got {fold}")
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.val_fraction, self.seed = val_fraction, seed
+        self.val_fraction, self.folds, self.fold, self.seed = val_fraction, folds, fold, seed
         self.mean, self.std = tuple(mean), tuple(std)
         self.hflip, self.rotation, self.crop_padding = hflip, rotation, crop_padding
         self.in_memory = in_memory
-        self._memory_path: bool | None = None  # decided once, by memory_path()
-        self.augment: BatchAugment | None = None  # set by setup() on the in-memory path
-        self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.path: DataPath | None = None  # chosen once, by setup()
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
-        self.has_test_split = True
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -139,8 +131,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             labels[i] = int(label)
 
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for _ in pool.map(fill, range(len(dataset)), chunksize=256):
-                pass
+            list(pool.map(fill, range(len(dataset)), chunksize=256))
         return images, labels
 
     def decode_options(self) -> tuple:
@@ -152,14 +143,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         files = [f for train in (True, False) for f in self.source_files(train) or []]
         return sum(f.stat().st_size for f in files if f.is_file())  # a missing one is reported when read
 
+    def resize(self) -> list[Any]:
+        """Transforms that bring every image to `input_shape` (only image folders need one)."""
+        return []
+
     # --- shared ------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def resize(self) -> list[Any]:
-        """Transforms that bring every image to `input_shape` (only image folders need one)."""
-        return []
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std; a single value applies to every channel."""
@@ -170,32 +161,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"dataset.mean/std have {len(self.mean)} values but the images have {channels} channels")
         return mean, std
 
-    def eval_transform(self) -> T.Compose:
-        return T.Compose([*self.resize(), T.ToTensor(), T.Normalize(*self.normalization())])
-
-    def train_transform(self) -> T.Compose:
-        """Augmentation (train only) happens on the PIL image, before tensor conversion."""
-        augment: list[Any] = []
-        if self.crop_padding:
-            augment.append(T.RandomCrop(self.input_shape[1:], padding=self.crop_padding))
-        if self.hflip:
-            augment.append(T.RandomHorizontalFlip())
-        if self.rotation:
-            augment.append(T.RandomRotation(self.rotation))
-        return T.Compose([*self.resize(), *augment, T.ToTensor(), T.Normalize(*self.normalization())])
-
     def where(self, train: bool) -> str:
         """The folder or file a split is read from, for error messages."""
         files = self.source_files(train) or []
         return os.path.commonpath(files) if files else str(self.data_dir)
-
-    @staticmethod
-    def targets(dataset: Dataset) -> torch.Tensor:
-        """The labels of a `load()`ed split; torchvision's datasets list them without reading an image."""
-        labels = getattr(dataset, "targets", None)
-        if labels is None:
-            labels = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
-        return torch.as_tensor(labels, dtype=torch.long)
 
     def check_labels(self, labels: torch.Tensor, train: bool) -> None:
         """Labels must index `class_names` (else training fails deep inside the loss), and a training split
@@ -213,94 +182,50 @@ class ImageClassificationDataModule(L.LightningDataModule):
             )
 
     def split_indices(self, n: int) -> tuple[list[int], list[int]]:
-        """The same `seed` always gives the same split, independent of the global RNG."""
-        n_val = max(1, round(n * self.val_fraction))
-        if n_val >= n:
-            raise DataError(f"only {n} training images: too few to hold out val_fraction={self.val_fraction}")
+        """(train, val) from one permutation seeded by `seed` alone (not the global RNG): val is its first
+        `val_fraction`, or its `fold`-th of `folds` parts, so the folds' val sets are disjoint and cover it."""
+        if self.folds is None:
+            n_val = max(1, round(n * self.val_fraction))
+            if n_val >= n:
+                raise DataError(f"only {n} training images: too few to hold out val_fraction={self.val_fraction}")
+            start, end = 0, n_val
+        elif n < self.folds:
+            raise DataError(f"only {n} training images: too few for dataset.folds={self.folds}")
+        else:
+            start, end = self.fold * n // self.folds, (self.fold + 1) * n // self.folds
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        return order[n_val:], order[:n_val]
-
-    def memory_path(self) -> bool:
-        """Whether to use the in-memory path (decided once, by `in_memory` and the available RAM)."""
-        if self._memory_path is None:
-            self._memory_path = self.in_memory is True
-            if self.in_memory == "auto":
-                need, free = self.decoded_bytes(), available_memory(torch.device("cpu"))
-                self._memory_path = need < free / 2
-                if not self._memory_path:
-                    log.warning("decoded images (%.1f GB) exceed half the free RAM: per-sample loading", need / 1e9)
-        return self._memory_path
-
-    def cache_dir(self) -> Path:
-        return self.data_dir / ".cache"
-
-    def tensors(self, train: bool) -> dict[str, Any] | None:
-        """A split decoded to uint8 tensors: from the cache while its source files are unchanged."""
-        files = self.source_files(train)
-        if files is None:
-            return None
-        split = "train" if train else "test"
-        name = f"{type(self).__name__}-{split}"
-
-        def build() -> dict[str, Any]:
-            log.info("decoding %s images to a uint8 cache in %s", name, self.cache_dir())
-            dataset = self.load(train)
-            images, labels = self.decode(dataset)
-            class_names = list(getattr(dataset, "classes", self.class_names))
-            return {"images": images, "labels": labels, "class_names": class_names}
-
-        # The test split takes train's image shape (image folders resize to it): part of its key.
-        key = fingerprint(files, name, self.decode_options(), None if train else self.input_shape)
-        return cached_tensors(self.cache_dir(), name, key, build)
+        return order[:start] + order[end:], order[start:end]
 
     def setup(self, stage: str | None = None) -> None:
-        if self.memory_path():
-            self._setup_in_memory(stage)
-            return
+        if self.path is None:
+            memory = self.in_memory is True or (self.in_memory == "auto" and InMemoryPath.fits(self.decoded_bytes()))
+            self.path = InMemoryPath(self) if memory else PerSamplePath(self)
         if self.train_set is None:
-            base = self.load(train=True)
-            self.check_labels(self.targets(base), train=True)
-            train_idx, val_idx = self.split_indices(len(base))
-            self.train_set = _Transformed(base, train_idx, self.train_transform())
-            self.val_set = _Transformed(base, val_idx, self.eval_transform())
-        if self.test_set is None and stage in (None, "test", "predict"):
-            test = self.load(train=False) if self.has_test_split else None
-            if test is not None:
-                self.check_labels(self.targets(test), train=False)
-            self.test_set = self.val_set if test is None else _Transformed(test, None, self.eval_transform())
-
-    def _setup_in_memory(self, stage: str | None) -> None:
-        if self.train_set is None:
-            train = self.tensors(train=True)
-            images, labels = train["images"], train["labels"]
-            self.class_names, self.input_shape = list(train["class_names"]), tuple(images.shape[1:])
+            source, labels, self.class_names = self.path.read(train=True)
             self.check_labels(labels, train=True)
             train_idx, val_idx = self.split_indices(len(labels))
-            self.train_set = TensorImages(images, labels, train_idx)
-            self.val_set = TensorImages(images, labels, val_idx)
-            self.augment = BatchAugment(*self.normalization(), self.crop_padding, self.hflip, self.rotation)
+            self.train_set = self.path.view(source, train_idx, train=True)
+            self.val_set = self.path.view(source, val_idx, train=False)
         if self.test_set is None and stage in (None, "test", "predict"):
-            test = self.tensors(train=False)
+            test = self.path.read(train=False)
             if test is None:
                 self.test_set = self.val_set
-            elif list(test["class_names"]) != self.class_names:
-                raise DataError(f"the test split has classes {test['class_names']} but train has {self.class_names}")
-            else:
-                self.check_labels(test["labels"], train=False)
-                self.test_set = TensorImages(test["images"], test["labels"])
+                return
+            source, labels, names = test
+            if names != self.class_names:
+                raise DataError(f"the test split has classes {names} but train has {self.class_names}")
+            self.check_labels(labels, train=False)
+            self.test_set = self.path.view(source, None, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """In-memory batches arrive as uint8: normalize (and augment, in training) them on their device."""
-        images, labels = batch
-        if images.dtype != torch.uint8 or self.augment is None:
-            return batch
-        return self.augment(images, train=self.trainer is not None and self.trainer.training), labels
+        assert self.path is not None, "call setup() first"
+        return self.path.after_transfer(batch, train=self.trainer is not None and self.trainer.training)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         """Samplers of our own (the trainer runs with use_distributed_sampler=false): the training order of
         every epoch is a function of (seed, epoch) alone, so a resumed run sees the same batches; under DDP
         each process gets its shard, and val/test images are each seen exactly once (no padding)."""
-        assert dataset is not None, "call setup() first"
+        assert dataset is not None and self.path is not None, "call setup() first"
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if shuffle:
             sampler: Sampler | None = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed)
@@ -308,27 +233,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
         # Its own generator: creating an iterator draws a seed from it, which would otherwise shift the
         # global RNG (and so the augmentation) differently in a resumed run.
-        generator = torch.Generator().manual_seed(self.seed)
-        if isinstance(dataset, TensorImages):
-            device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-            shared = id(dataset.images) in self._on_device  # val shares train's copy, already there
-            if device.type != "cpu" and (shared or dataset.images.nbytes < available_memory(device) / 2):
-                dataset = dataset.to(device, self._on_device)  # else batches are sliced on the host
-            batches = SlicedBatches(sampler or SequentialSampler(dataset), self.batch_size, dataset.images.device)
-            return DataLoader(
-                dataset,
-                batch_sampler=batches,
-                collate_fn=keep_batch,
-                generator=generator,
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.path.loader(dataset, sampler, torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -340,15 +245,30 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
-class ReseedEachEpoch(L.Callback):
-    """Seeds the global RNGs from (seed, epoch) at every epoch start, so augmentation and dropout of an
-    epoch do not depend on what ran before it: a run resumed from an epoch-end checkpoint repeats exactly
-    what the uninterrupted run did (with num_workers=0; worker processes draw their own seeds)."""
+class LocalOrDownload:
+    """For datasets torchvision downloads (a mixin before ImageClassificationDataModule): the folders of
+    `looked_in()` (`data_dir`, `local_copies`) come first, so a machine without network finds its copy
+    (`use_local(folder)`: it holds the files, made ready for `load`); the error names each folder tried."""
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    dataset_class: Any
+    title, expected, how_to_get = "", "", ""
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A hash of (seed, epoch, rank): seed 1 in epoch 0 must not replay seed 0 in epoch 1.
-        entropy = np.random.SeedSequence([self.seed, trainer.current_epoch, trainer.global_rank])
-        L.seed_everything(int(entropy.generate_state(1)[0]), workers=True, verbose=False)
+    def __init__(self, local_copies: Sequence[str] = (), download: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.local_copies = [Path(p).expanduser() for p in local_copies]
+        self.download = download
+
+    def prepare_data(self) -> None:
+        looked = self.looked_in()  # type: ignore[attr-defined]
+        if any(self.use_local(folder) for folder in looked):  # type: ignore[attr-defined]
+            return
+        failure = "download disabled (dataset.download=false)"
+        if self.download:
+            try:
+                for train in (True, False):
+                    self.dataset_class(str(self.data_dir), train=train, download=True)  # type: ignore[attr-defined]
+                return
+            except Exception as e:  # noqa: BLE001 - any failure here means "not downloadable"; report it below
+                failure = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        where = ", ".join(str(p) for p in looked)
+        raise DataError(f"{self.title} not found: looked for {self.expected} in {where}; {failure}. {self.how_to_get}")

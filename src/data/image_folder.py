@@ -142,11 +142,8 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         self.mode: str | None = None
         self._scans: dict[bool, datasets.ImageFolder | None] = {}
 
-    def _folder(self, split: str) -> Path:
-        return self.data_dir / split
-
     def prepare_data(self) -> None:
-        train = self._folder("train")
+        train = self.data_dir / "train"
         if not train.is_dir():
             raise DataError(
                 f"image folder not found: {train} does not exist; set dataset.data_dir=DIR where "
@@ -158,11 +155,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         if train in self._scans:
             return self._scans[train]
         self.prepare_data()
-        folder = self._folder("train" if train else "test")
+        folder = self.data_dir / ("train" if train else "test")
         if not train and not folder.is_dir():
-            if self.has_test_split:
-                log.warning("%s has no test/ folder: testing on the validation split", self.data_dir)
-            self.has_test_split = False
+            log.warning("%s has no test/ folder: testing on the validation split", self.data_dir)
+            self._scans[train] = None
             return None
         try:
             self._scans[train] = _ImageFolder(str(folder), loader=open_image, is_valid_file=_is_image)
@@ -175,7 +171,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return None if dataset is None else [Path(path) for path, _ in dataset.samples]
 
     def where(self, train: bool) -> str:
-        return str(self._folder("train" if train else "test"))
+        return str(self.data_dir / ("train" if train else "test"))
 
     def decode_options(self) -> tuple:
         return (self.size,)
@@ -191,7 +187,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         dataset = self._scan(train)
         if dataset is None:
             return None
-        folder = self._folder("train" if train else "test")
+        folder = self.data_dir / ("train" if train else "test")
         if train:
             self.class_names = list(dataset.classes)
             paths = [path for path, _ in dataset.samples]

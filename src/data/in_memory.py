@@ -1,6 +1,6 @@
-"""The in-memory data path: a split decoded once into a uint8 tensor, cached next to the data, served as
-batches by slicing with the epoch's shuffled index; normalization and augmentation run afterwards on whole
-batches on the training device (`src/data/batch_augment.py`).
+"""The in-memory data path (`InMemoryPath`): a split decoded once into a uint8 tensor, cached next to the
+data, kept on the training device where it fits, served as batches by slicing with the epoch's shuffled
+index; normalization and augmentation run afterwards on whole batches on that device (`batch_augment.py`).
 
 A small dataset decoded through PIL one image at a time, every epoch, spends most of its time outside the
 model; here a batch costs one gather.
@@ -13,21 +13,24 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from math import ceil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_convert
 
 from src.data.atomic import write_atomically
+from src.data.batch_augment import BatchAugment
+
+if TYPE_CHECKING:
+    from src.data.common import ImageClassificationDataModule
 
 log = logging.getLogger(__name__)
 
 
 class TensorImages(Dataset):
     """The images of one split at `indices` of a shared uint8 tensor (N, C, H, W), with their labels.
-
     `__getitems__` serves a whole batch with one gather; DataLoader calls it with what `SlicedBatches`
-    yields (a tensor of positions, on the device that holds the images).
-    """
+    yields (a tensor of positions, on the device that holds the images)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] | None = None) -> None:
         self.images, self.labels = images, labels
@@ -44,16 +47,6 @@ class TensorImages(Dataset):
         j = self.indices[positions]
         return self.images[j], self.labels[j]
 
-    def to(self, device: torch.device, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> TensorImages:
-        """This split on `device`; `moved` shares one copy of the tensors between splits that share them."""
-        key = id(self.images)
-        if key not in moved:
-            moved[key] = (self.images.to(device), self.labels.to(device))
-        view = TensorImages.__new__(TensorImages)
-        view.images, view.labels = moved[key]
-        view.indices = self.indices.to(device)
-        return view
-
 
 class SlicedBatches(Sampler):
     """Batches as slices of the epoch's order, which `sampler` decides (so shuffling, the DDP shard and
@@ -69,11 +62,6 @@ class SlicedBatches(Sampler):
 
     def __len__(self) -> int:
         return ceil(len(self.sampler) / self.batch_size)
-
-
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DataLoader's collate_fn: `__getitems__` already returns a batch."""
-    return batch
 
 
 def fingerprint(files: Sequence[Path], *extra: object) -> str:
@@ -121,3 +109,64 @@ def available_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # not Linux: assume it fits, as a user choosing this path would
         return 1 << 62
+
+
+class InMemoryPath:
+    """The `DataPath` of `dm` that serves its splits from decoded uint8 tensors (see the module docstring)."""
+
+    def __init__(self, dm: ImageClassificationDataModule) -> None:
+        self.dm = dm
+        self.augment: BatchAugment | None = None  # built with the training split
+        self.on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one device copy per tensor
+
+    @staticmethod
+    def fits(need: int) -> bool:
+        """Whether `need` bytes of decoded images take under half the free RAM (`in_memory=auto`)."""
+        fits = need < available_memory(torch.device("cpu")) / 2
+        if not fits:
+            log.warning("decoded images (%.1f GB) exceed half the free RAM: per-sample loading", need / 1e9)
+        return fits
+
+    def read(self, train: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[str]] | None:
+        """A split decoded to uint8 tensors: from the cache while its source files are unchanged."""
+        dm = self.dm
+        files = dm.source_files(train)
+        if files is None:
+            return None
+        name, cache = f"{type(dm).__name__}-{'train' if train else 'test'}", dm.data_dir / ".cache"
+
+        def build() -> dict[str, Any]:
+            log.info("decoding %s images to a uint8 cache in %s", name, cache)
+            dataset = dm.load(train)
+            images, labels = dm.decode(dataset)
+            names = list(getattr(dataset, "classes", dm.class_names))
+            return {"images": images, "labels": labels, "class_names": names}
+
+        # The test split takes train's image shape (image folders resize to it): part of its key.
+        key = fingerprint(files, name, dm.decode_options(), None if train else dm.input_shape)
+        split = cached_tensors(cache, name, key, build)
+        if train:
+            dm.input_shape = tuple(split["images"].shape[1:])
+        return (split["images"], split["labels"]), split["labels"], list(split["class_names"])
+
+    def view(self, source: tuple[torch.Tensor, torch.Tensor], indices: Sequence[int] | None, train: bool) -> Dataset:
+        if train:
+            self.augment = BatchAugment(*self.dm.normalization(), self.dm.crop_padding, self.dm.hflip, self.dm.rotation)
+        return TensorImages(*source, indices)
+
+    def loader(self, dataset: TensorImages, sampler: Sampler | None, generator: torch.Generator) -> DataLoader:
+        """Batches sliced on the training device where the split takes under half its free memory (else on the
+        host; val shares train's copy there); `default_convert` passes on the batches `__getitems__` returns."""
+        device = self.dm.trainer.strategy.root_device if self.dm.trainer else torch.device("cpu")
+        key = id(dataset.images)
+        if device.type != "cpu" and (key in self.on_device or dataset.images.nbytes < available_memory(device) / 2):
+            if key not in self.on_device:
+                self.on_device[key] = (dataset.images.to(device), dataset.labels.to(device))
+            dataset = TensorImages(*self.on_device[key], dataset.indices.to(device))
+        batches = SlicedBatches(sampler or SequentialSampler(dataset), self.dm.batch_size, dataset.images.device)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=default_convert, generator=generator)
+
+    def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 batches normalized (and augmented, in training) on their device."""
+        assert self.augment is not None, "call setup() first"
+        return self.augment(batch[0], train=train), batch[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,16 +17,9 @@ from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from src.data.atomic import write_atomically
-from src.data.common import DataError, ImageClassificationDataModule, writable_dir
+from src.data.common import DataError, ImageClassificationDataModule, LocalOrDownload, writable_dir
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def _find_idx(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _stage(source: Path, target: Path) -> None:
@@ -46,16 +38,16 @@ def _stage(source: Path, target: Path) -> None:
         ) from e
 
 
-class MNISTDataModule(ImageClassificationDataModule):
+class MNISTDataModule(LocalOrDownload, ImageClassificationDataModule):
     """MNIST digits; see `FashionMNISTDataModule` for the clothing set with the same file format."""
 
     dataset_class: type[datasets.MNIST] = datasets.MNIST
-    install_hint = "download the four IDX files from http://yann.lecun.com/exdb/mnist/"
+    title = "MNIST"
+    expected = f"the four IDX files ({', '.join(IDX_FILES)}, optionally .gz)"
+    how_to_get = "Put them in one of these folders or set dataset.data_dir=DIR (from http://yann.lecun.com/exdb/mnist/)"
 
-    def __init__(self, local_copies: Sequence[str] = (), download: bool = True, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.local_copies = [Path(p).expanduser() for p in local_copies]
-        self.download = download
         self.class_names = list(self.dataset_class.classes)
 
     @property
@@ -63,35 +55,18 @@ class MNISTDataModule(ImageClassificationDataModule):
         """Where torchvision reads the uncompressed files: `data_dir/<ClassName>/raw`."""
         return self.data_dir / self.dataset_class.__name__ / "raw"
 
-    def _staged(self) -> bool:
-        return all((self.raw_dir / name).is_file() for name in IDX_FILES)
+    def looked_in(self) -> list[Path]:
+        return [self.raw_dir, self.data_dir, *self.local_copies]
 
-    def prepare_data(self) -> None:
-        """Find the files: torchvision layout, then `data_dir` itself, then known local copies, then download."""
-        if self._staged():
-            return
-        looked = [self.raw_dir, self.data_dir, *self.local_copies]
-        for folder in looked:
-            found = [_find_idx(folder, name) for name in IDX_FILES]
-            if all(found):
-                writable_dir(self.raw_dir)
-                for name, source in zip(IDX_FILES, found, strict=True):
-                    _stage(source, self.raw_dir / name)
-                return
-        failure = "download disabled (dataset.download=false)"
-        if self.download:
-            try:
-                self.dataset_class(str(self.data_dir), train=True, download=True)
-                self.dataset_class(str(self.data_dir), train=False, download=True)
-                return
-            except Exception as e:  # noqa: BLE001 - any failure here means "not downloadable"; report it below
-                failure = f"download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        where = ", ".join(str(p) for p in looked)
-        raise DataError(
-            f"{self.dataset_class.__name__} not found: looked in {where}; {failure}. "
-            f"Put the four IDX files ({', '.join(IDX_FILES)}, optionally .gz) in one of these folders "
-            f"or set dataset.data_dir=DIR ({self.install_hint})"
-        )
+    def use_local(self, folder: Path) -> bool:
+        """All four files, gzipped or not: staged into torchvision's layout unless they are there already."""
+        found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in IDX_FILES]
+        if not all(found):
+            return False
+        for name, source in zip(IDX_FILES, found, strict=True):
+            if source != self.raw_dir / name:
+                _stage(source, writable_dir(self.raw_dir) / name)
+        return True
 
     def load(self, train: bool) -> datasets.MNIST:
         self.prepare_data()  # cheap once staged; DDP ranks other than 0 skip prepare_data otherwise
@@ -102,12 +77,6 @@ class MNISTDataModule(ImageClassificationDataModule):
         if len(dataset.data) != len(dataset.targets):
             raise DataError(
                 f"{self.raw_dir}: {len(dataset.data)} images but {len(dataset.targets)} labels; the files do not match"
-            )
-        bad = dataset.targets[dataset.targets >= len(self.class_names)]  # IDX labels are unsigned bytes
-        if len(bad):
-            raise DataError(
-                f"{self.where(train)}: label {int(bad[0])} is outside "
-                f"0..{len(self.class_names) - 1}; the file is corrupt or not {self.dataset_class.__name__}; replace it"
             )
         self.input_shape = (1, *dataset.data.shape[1:])
         return dataset
@@ -125,15 +94,11 @@ class MNISTDataModule(ImageClassificationDataModule):
         return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
 
     def _bad_file(self, train: bool) -> Path:
-        prefix = "train" if train else "t10k"
-        for name, read in (
-            (f"{prefix}-images-idx3-ubyte", read_image_file),
-            (f"{prefix}-labels-idx1-ubyte", read_label_file),
-        ):
+        for path, read in zip(self.source_files(train), (read_image_file, read_label_file), strict=True):
             try:
-                read(str(self.raw_dir / name))
+                read(str(path))
             except Exception:  # noqa: BLE001
-                return self.raw_dir / name
+                return path
         return self.raw_dir
 
 
@@ -141,4 +106,8 @@ class FashionMNISTDataModule(MNISTDataModule):
     """Zalando's Fashion-MNIST: 10 clothing classes, same IDX format and sizes as MNIST."""
 
     dataset_class = datasets.FashionMNIST
-    install_hint = "on Debian/Ubuntu: apt-get install dataset-fashion-mnist"
+    title = "FashionMNIST"
+    how_to_get = (
+        "Put them in one of these folders or set dataset.data_dir=DIR "
+        "(on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
+    )

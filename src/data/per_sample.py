@@ -1,0 +1,66 @@
+"""The per-sample data path (`PerSamplePath`): torchvision transforms on every PIL image as it is read, in
+DataLoader workers if `num_workers` > 0. For data too big to decode into memory (`dataset.in_memory=false`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+if TYPE_CHECKING:
+    from src.data.common import ImageClassificationDataModule
+
+
+class _Transformed(Dataset):
+    """(PIL image, label) pairs of `base` at `indices`, with a transform of their own: train and val share
+    one loaded dataset but not its augmentation."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Any) -> None:
+        self.base, self.transform = base, transform
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[self.indices[i]]
+        return self.transform(image), int(label)
+
+
+class PerSamplePath:
+    """The `DataPath` of `dm` that decodes and transforms image by image (see the module docstring)."""
+
+    def __init__(self, dm: ImageClassificationDataModule) -> None:
+        self.dm = dm
+
+    def read(self, train: bool) -> tuple[Dataset, torch.Tensor, list[str]] | None:
+        dataset = self.dm.load(train)
+        if dataset is None:
+            return None
+        labels = getattr(dataset, "targets", None)  # torchvision's datasets list them without reading an image
+        if labels is None:
+            labels = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+        names = list(getattr(dataset, "classes", self.dm.class_names))
+        return dataset, torch.as_tensor(labels, dtype=torch.long), names
+
+    def view(self, source: Dataset, indices: Sequence[int] | None, train: bool) -> Dataset:
+        """Augmentation (train only) happens on the PIL image, before tensor conversion."""
+        dm = self.dm
+        augment = [T.RandomCrop(dm.input_shape[1:], padding=dm.crop_padding)] if train and dm.crop_padding else []
+        augment += [T.RandomHorizontalFlip()] if train and dm.hflip else []
+        augment += [T.RandomRotation(dm.rotation)] if train and dm.rotation else []
+        transform = T.Compose([*dm.resize(), *augment, T.ToTensor(), T.Normalize(*dm.normalization())])
+        return _Transformed(source, indices, transform)
+
+    def loader(self, dataset: Dataset, sampler: Sampler | None, generator: torch.Generator) -> DataLoader:
+        n = self.dm.num_workers
+        return DataLoader(
+            dataset, self.dm.batch_size, sampler=sampler, generator=generator, num_workers=n, persistent_workers=n > 0
+        )
+
+    def after_transfer(self, batch: Any, train: bool) -> Any:
+        """Batches arrive normalized and augmented already."""
+        return batch
