@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets
@@ -37,11 +38,15 @@ from torchvision import transforms as T
 
 from src.data.cifar10 import _CIFAR10
 from src.data.mnist import FashionMNISTDataModule
-from src.models.cnn2 import CNN2
-from src.models.cnn3 import CNN3
-from src.train import build_module, build_trainer, keep_freed_memory
+from src.runs import build_trainer
+from src.train import build_module, keep_freed_memory
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def model(name: str, input_shape: tuple[int, int, int]) -> nn.Module:
+    """The network exactly as conf/model/NAME.yaml configures it (the models have no Python defaults)."""
+    return instantiate(OmegaConf.load(CONF / "model" / f"{name}.yaml"), input_shape=input_shape, num_classes=10)
 WARMUP = 10
 
 
@@ -140,9 +145,9 @@ def fashion_case(seed_data: datasets.FashionMNIST, data_dir: str, batch: int, st
     dataset = ["dataset=fashion_mnist", f"dataset.data_dir={data_dir}", f"dataset.batch_size={batch}"]
     return rounds(
         {
-            "a": lambda: plain_loop(CNN2((1, 28, 28), 10), DataLoader(seed_data, batch, shuffle=True), steps),
-            "b": lambda: in_memory(lambda: CNN2((1, 28, 28), 10), images, labels, batch, steps, False),
-            "b'": lambda: in_memory(lambda: CNN2((1, 28, 28), 10), images, labels, batch, steps, True),
+            "a": lambda: plain_loop(model("cnn2", (1, 28, 28)), DataLoader(seed_data, batch, shuffle=True), steps),
+            "b": lambda: in_memory(lambda: model("cnn2", (1, 28, 28)), images, labels, batch, steps, False),
+            "b'": lambda: in_memory(lambda: model("cnn2", (1, 28, 28)), images, labels, batch, steps, True),
             "c": lambda: our_path(["model=cnn2", *dataset], steps),
         },
         n,
@@ -181,9 +186,9 @@ def cifar_case(steps: int, n: int) -> tuple[str, list[float]]:
         dataset = ["dataset=cifar10", f"dataset.data_dir={root}", f"dataset.batch_size={batch}"]
         no_augmentation = ["dataset.hflip=false", "dataset.rotation=0"]
         paths = {
-            "a": lambda: plain_loop(CNN3((3, 32, 32), 10), DataLoader(seed_data, batch, shuffle=True), steps),
-            "b": lambda: in_memory(lambda: CNN3((3, 32, 32), 10), images, labels, batch, steps, False),
-            "b'": lambda: in_memory(lambda: CNN3((3, 32, 32), 10), images, labels, batch, steps, True),
+            "a": lambda: plain_loop(model("cnn3", (3, 32, 32)), DataLoader(seed_data, batch, shuffle=True), steps),
+            "b": lambda: in_memory(lambda: model("cnn3", (3, 32, 32)), images, labels, batch, steps, False),
+            "b'": lambda: in_memory(lambda: model("cnn3", (3, 32, 32)), images, labels, batch, steps, True),
             "c": lambda: our_path(["model=cnn3", *dataset, *no_augmentation], steps),
         }
         return ("cnn3 CIFAR-10-shaped batch 128", rounds(paths, n))

@@ -1,18 +1,55 @@
 """ClassifierModule: cross-entropy training of any architecture, with torchmetrics accuracy (val and test;
 per class and a confusion matrix for test). It knows nothing about datasets: class names
-and input shape arrive as arguments and are saved in the checkpoint, so a checkpoint is usable alone."""
+and input shape arrive as arguments and are saved in the checkpoint, so a checkpoint is usable alone.
+
+What it hands to the rest of the project (its whole interface besides Lightning's hooks):
+- `test_step` returns a `TestStepOutput` (the batch's logits), which Lightning passes to callbacks'
+  `on_test_batch_end` as `outputs` (the prediction figures in src/reports.py);
+- after `trainer.test(...)`, `module.test_result` is the `TestResult` of that test epoch (per-class accuracy
+  and confusion matrix), which the entry points hand to `src.reports.report_run`; scalar metrics come back
+  from `trainer.validate/test` as Lightning returns them.
+"""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from torchmetrics.utilities import dim_zero_cat
+
+from src.errors import UserError
+
+
+class TestStepOutput(TypedDict):
+    logits: torch.Tensor  # (batch, num_classes), detached
+
+
+ECE_BINS = 15  # expected calibration error and the reliability diagram: 15 equal-width confidence bins
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """What one test epoch measured beyond the logged scalars (synchronized across DDP processes)."""
+
+    acc_per_class: dict[str, float]  # by class name, as the three below
+    confusion_matrix: list[list[int]]  # rows = true class, columns = predicted class
+    precision: dict[str, float]
+    recall: dict[str, float]
+    f1: dict[str, float]
+    reliability: list[tuple[float, float, int]]  # per confidence bin: (mean confidence, accuracy, images)
 
 
 class ClassifierModule(L.LightningModule):
@@ -25,15 +62,17 @@ class ClassifierModule(L.LightningModule):
         std: Sequence[float] = (1.0,),
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
         config: dict | None = None,
     ) -> None:
-        """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters; a
-        scheduler that takes `total_steps` (OneCycleLR) gets the run's and is stepped every batch, others
-        every epoch. `channels_last` stores images and conv weights as NHWC, which oneDNN and cuDNN convolve
-        faster (3x for cnn2 on a 2-core CPU). `config` is the composed run config, kept in the checkpoint so
-        evaluate/predict can rebuild the run."""
+        """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
+        `lr_scheduler` holds Lightning's scheduler settings (`interval`: "epoch" or "step", `frequency`) and
+        `total_steps_key`: the scheduler argument that gets the run's number of optimizer steps (OneCycleLR's
+        `total_steps`); conf/scheduler/*.yaml set both. `channels_last` stores images and conv weights as
+        NHWC, which oneDNN and cuDNN convolve faster (3x for cnn2 on a 2-core CPU). `config` is the composed
+        run config, kept in the checkpoint so evaluate/predict can rebuild the run."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.channels_last = channels_last
@@ -47,24 +86,36 @@ class ClassifierModule(L.LightningModule):
         self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check would read the loss back every step
         # Val needs only the accuracy that checkpoints and sweeps watch; test also reports per class and the
         # confusion matrix (one MetricCollection: a single update call, shared states where they match).
+        # Test adds per-class precision/recall/F1, calibration (ECE) and top-5 accuracy where it means something.
+        test = {
+            "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
+            "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
+            "precision": MulticlassPrecision(n, average="none", validate_args=False),
+            "recall": MulticlassRecall(n, average="none", validate_args=False),
+            "f1": MulticlassF1Score(n, average="none", validate_args=False),
+            "confusion_matrix": MulticlassConfusionMatrix(n, validate_args=False),
+            "ece": MulticlassCalibrationError(n, n_bins=ECE_BINS, norm="l1", validate_args=False),
+        }
+        if n > 5:
+            test["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro", validate_args=False)
         self.eval_metrics = nn.ModuleDict(
             {
                 "val": MetricCollection({"acc": MulticlassAccuracy(n, average="micro", validate_args=False)}),
-                "test": MetricCollection(
-                    {
-                        "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
-                        "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
-                        "confusion_matrix": MulticlassConfusionMatrix(n, validate_args=False),
-                    }
-                ),
+                "test": MetricCollection(test),
             }
         )
-        self.test_results: dict[str, Any] = {}
+        # Temperature scaling (src/calibration.py): logits are divided by it; 1 until a run is calibrated.
+        self.register_buffer("temperature", torch.ones(()))
+        self.test_result: TestResult | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        logits = self.net(x)
+        return logits if self.training else logits / self.temperature
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"].setdefault("temperature", torch.ones(()))  # written before calibration existed
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Kept lean: metrics only accumulate on the device here (no host sync); `self.log` (about 0.2 ms a
@@ -85,48 +136,67 @@ class ClassifierModule(L.LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> TestStepOutput:
         x, y = batch
         logits = self(x)
         self.eval_metrics[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
-        return {"logits": logits.detach()}  # for the prediction figures (src/reports.py)
+        return {"logits": logits.detach()}
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> TestStepOutput:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> TestStepOutput:
         return self._eval_step(batch, "test")
 
-    def _eval_epoch_end(self, stage: str) -> dict[str, torch.Tensor]:
-        """compute() syncs across DDP processes, so every image is counted exactly once."""
-        values = self.eval_metrics[stage].compute()
-        self.log(f"{stage}/acc", values["acc"], prog_bar=True)
-        self.eval_metrics[stage].reset()
-        return values
-
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        """compute() syncs across DDP processes, so every image is counted exactly once."""
+        self.log("val/acc", self.eval_metrics["val"].compute()["acc"], prog_bar=True)
+        self.eval_metrics["val"].reset()
 
     def on_test_epoch_end(self) -> None:
-        values = self._eval_epoch_end("test")
-        per_class = dict(zip(self.hparams.class_names, values["acc_per_class"].tolist(), strict=True))
-        self.test_results = {"acc_per_class": per_class, "confusion_matrix": values["confusion_matrix"].tolist()}
-        for name, acc in per_class.items():
+        metrics = self.eval_metrics["test"]
+        values = metrics.compute()
+        for key in ("acc", "ece", "acc_top5"):
+            if key in values:
+                self.log(f"test/{key}", values[key], prog_bar=key == "acc")
+        by_class = {
+            key: dict(zip(self.hparams.class_names, values[key].tolist(), strict=True))
+            for key in ("acc_per_class", "precision", "recall", "f1")
+        }
+        for name, acc in by_class["acc_per_class"].items():
             self.log(f"test/acc_{name}", acc)
+        ece = metrics["ece"]
+        reliability = reliability_bins(dim_zero_cat(ece.confidences), dim_zero_cat(ece.accuracies))
+        self.test_result = TestResult(
+            confusion_matrix=values["confusion_matrix"].tolist(), reliability=reliability, **by_class
+        )
+        metrics.reset()
 
     def configure_optimizers(self) -> Any:
         if self.optimizer is None:
-            raise ValueError("ClassifierModule needs an optimizer to train (config group optimizer=...)")
+            raise UserError("ClassifierModule needs an optimizer to train (config group optimizer=...)")
         optimizer = self.optimizer(params=self.parameters())
         if self.scheduler is None:
             return optimizer
-        if "total_steps" in inspect.signature(self.scheduler).parameters:
-            given = getattr(self.scheduler, "keywords", {})
-            total = {} if "total_steps" in given else {"total_steps": self.trainer.estimated_stepping_batches}
-            try:
-                scheduler = self.scheduler(optimizer=optimizer, **total)
-            except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
-                raise ValueError(f"the scheduler needs more training steps than {total or given} ({e})") from e
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
+        settings = dict(self.hparams.lr_scheduler or {})
+        steps_key = settings.pop("total_steps_key", None)
+        steps = {steps_key: self.trainer.estimated_stepping_batches} if steps_key else {}
+        try:
+            scheduler = self.scheduler(optimizer=optimizer, **steps)
+        except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
+            raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
+
+
+def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, images) per equal-width confidence bin: the reliability diagram's bars,
+    from the same per-image confidences torchmetrics' calibration error keeps."""
+    index = torch.clamp((confidences * ECE_BINS).long(), max=ECE_BINS - 1)
+    bins = []
+    for b in range(ECE_BINS):
+        inside = index == b
+        count = int(inside.sum())
+        bins.append((float(confidences[inside].mean()), float(correct[inside].float().mean()), count) if count else
+                    ((b + 0.5) / ECE_BINS, 0.0, 0))  # fmt: skip
+    return bins

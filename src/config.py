@@ -106,7 +106,13 @@ def validate(cfg: DictConfig) -> None:
             missing += sorted(OmegaConf.missing_keys(cfg[key]))  # full keys, e.g. dataset.data_dir
     if missing:
         raise ConfigError(f"{missing[0]} is required: set it on the command line ({missing[0]}=...)")
-    for key, kind in (("label_smoothing", float), ("resume", bool), ("optimized_metric", str)):
+    for key, kind in (
+        ("label_smoothing", float),
+        ("resume", bool),
+        ("optimized_metric", str),
+        ("lr_find", bool),
+        ("calibrate", bool),
+    ):
         if key in cfg and not _accepts(kind, cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} has the wrong type: expected {kind.__name__}")
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):

@@ -13,9 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.checkpoints import load_checkpoint
+from src.console import quiet_console
 from src.data import DataError
 from src.errors import report_errors
-from src.reports import final_metrics, format_table
+from src.reports import format_table, report_run
 from src.runs import build_trainer
 
 
@@ -35,9 +36,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"the data has classes {datamodule.class_names} but the checkpoint was trained on "
             f"{list(module.hparams.class_names)}"
         )
-    trainer = build_trainer(run_cfg, skip=("checkpoint", "train_batch_figure"))
-    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True)
-    metrics = final_metrics(trainer)
+    trainer = build_trainer(run_cfg, only=("progress_bar", "prediction_figures"))
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, verbose=False, weights_only=True)
+    metrics = report_run(trainer, module, run_cfg.paths.output_dir, test[0])
     if trainer.is_global_zero:
         print(format_table(metrics))
         print(f"run directory: {run_cfg.paths.output_dir}")
@@ -46,6 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_console()
     report_errors(lambda: evaluate(cfg))
 
 

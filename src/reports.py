@@ -1,6 +1,8 @@
-"""What a run writes for people, as Lightning callbacks: metrics.json, the accuracy before training,
-the confusion matrix, grids of predictions, of the worst mistakes and of a training batch (PNG files in
-the run directory and TensorBoard images), and the hyper-parameters with final metrics (HPARAMS tab)."""
+"""What a run writes for people: `report_run` (called by the entry points after testing) writes metrics.json,
+the confusion matrix and the hyper-parameters with final metrics (TensorBoard's HPARAMS tab); two Lightning
+callbacks draw grids of test predictions, of the worst mistakes and of a training batch (PNG files in the
+run directory and TensorBoard images). They use only what ClassifierModule states it hands out
+(src/classifier.py): `TestStepOutput`, `TestResult` and its hparams."""
 
 from __future__ import annotations
 
@@ -21,8 +23,22 @@ import torch  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from lightning.pytorch.utilities.model_summary import ModelSummary  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 
-SUMMARY_KEYS = ("val/acc_untrained", "val/loss", "val/acc", "test/loss", "test/acc")
+from src.classifier import ClassifierModule, TestStepOutput  # noqa: E402
+
+SUMMARY_KEYS = (
+    "lr_find/suggestion",
+    "val/acc_untrained",
+    "val/loss",
+    "val/acc",
+    "test/loss",
+    "test/acc",
+    "test/acc_top5",
+    "test/ece_uncalibrated",
+    "calibration/temperature",
+    "test/ece",
+)
 # Config sections that describe a run's hyper-parameters (for TensorBoard's HPARAMS tab).
 HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_smoothing", "trainer")
 
@@ -61,11 +77,17 @@ def chance_level(confusion_matrix: Sequence[Sequence[int]]) -> float:
 def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
     """A short console table of the headline figures and per-class test accuracy, and a warning when the
     model is no better than guessing."""
-    rows = [(k, f"{metrics[k]:.4f}") for k in keys if isinstance(metrics.get(k), float)]
-    rows += [(f"  {name}", f"{acc:.4f}") for name, acc in metrics.get("test/acc_per_class", {}).items()]
+    rows = [(k, f"{metrics[k]:.4g}" if k.startswith(("lr_find", "calibration")) else f"{metrics[k]:.4f}")
+            for k in keys if isinstance(metrics.get(k), float)]  # fmt: skip
+    per_class = ("acc_per_class", "precision_per_class", "recall_per_class", "f1_per_class")
+    if "test/acc_per_class" in metrics:
+        rows.append(("test, per class:", "   acc   prec  recall   f1"))
+        for name in metrics["test/acc_per_class"]:
+            values = [metrics.get(f"test/{k}", {}).get(name) for k in per_class]
+            rows.append((f"  {name}", " ".join("     -" if v is None else f"{v:6.4f}" for v in values)))
     width = max((len(k) for k, _ in rows), default=10) + 2
-    line = "-" * (width + 10)
-    table = [line, *(f"{k:<{width}}{v:>10}" for k, v in rows), line]
+    line = "-" * (width + 28)
+    table = [line, *(f"{k:<{width}}{v:>28}" for k, v in rows), line]
     if metrics.get("test/at_chance_level"):
         acc, chance = metrics["test/acc"], metrics["test/chance_level"]
         table.append(
@@ -73,15 +95,6 @@ def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) 
             "check the data and labels, or try another optimizer.lr"
         )
     return "\n".join(table)
-
-
-def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
-    """What a finished run reports: the logged values, overlaid with MetricsReport's metrics.json content."""
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    for callback in trainer.callbacks:
-        if isinstance(callback, MetricsReport):
-            metrics.update(callback.metrics)
-    return metrics
 
 
 def save_figure(fig: plt.Figure, trainer: L.Trainer, output_dir: Path, name: str) -> None:
@@ -121,69 +134,93 @@ def _norm(pl_module: L.LightningModule) -> dict[str, Sequence[float]]:
     return {"mean": pl_module.hparams.mean, "std": pl_module.hparams.std}
 
 
-class MetricsReport(L.Callback):
-    """After testing: `metrics.json` (headline figures, accuracy before training, per-class accuracy by
-    class name, confusion matrix with rows = true class, parameter count), the confusion matrix figure,
-    and the run's hyper-parameters with its final metrics in TensorBoard's HPARAMS tab."""
+def report_run(
+    trainer: L.Trainer,
+    module: ClassifierModule,
+    output_dir: str | Path,
+    test: dict[str, float],
+    val: dict[str, float] | None = None,
+    untrained_acc: float | None = None,
+    overrides: Sequence[str] = (),
+    extra: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """What a tested run reports, from what the entry point measured (the dicts `trainer.validate/test`
+    return, the module's `test_result`, the accuracy before training): the metrics on every rank (train()
+    returns one on each); from rank 0, `metrics.json`, the confusion matrix figure, and the run's
+    hyper-parameters with its final metrics in TensorBoard's HPARAMS tab."""
+    result = module.test_result
+    assert result is not None, "report_run() comes after trainer.test()"
+    untrained = {} if untrained_acc is None else {"val/acc_untrained": untrained_acc}
+    checkpoint = trainer.checkpoint_callback
+    chance = chance_level(result.confusion_matrix)
+    metrics = {
+        **untrained,
+        **{k: float(v) for k, v in (val or {}).items() if k.startswith("val/")},
+        **{k: float(test[k]) for k in ("test/loss", "test/acc", "test/acc_top5", "test/ece") if k in test},
+        **(extra or {}),
+        "test/acc_per_class": result.acc_per_class,
+        "test/precision_per_class": result.precision,
+        "test/recall_per_class": result.recall,
+        "test/f1_per_class": result.f1,
+        "test/reliability": [{"confidence": c, "accuracy": a, "images": n} for c, a, n in result.reliability],
+        "test/confusion_matrix": result.confusion_matrix,
+        "test/chance_level": chance,
+        "test/at_chance_level": bool(test.get("test/acc", 0.0) <= chance),
+        "class_names": list(module.hparams.class_names),
+        "num_parameters": ModelSummary(module).total_parameters,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
+    }
+    if not trainer.is_global_zero:
+        return metrics
+    output_dir = Path(output_dir)
+    write_atomic(output_dir / "metrics.json", json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
+    names = metrics["class_names"]
+    fig, _ = MulticlassConfusionMatrix(len(names)).plot(torch.tensor(result.confusion_matrix), labels=names)
+    fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
+    save_figure(fig, trainer, output_dir, "confusion_matrix")
+    save_figure(
+        reliability_diagram(result.reliability, metrics.get("test/ece")), trainer, output_dir, "reliability_diagram"
+    )
+    if trainer.logger is not None:
+        if untrained_acc is not None:
+            trainer.logger.log_metrics({"val/acc_untrained": untrained_acc}, step=0)
+        _log_hparams(trainer, module, metrics, overrides)
+    return metrics
 
-    def __init__(self, output_dir: str) -> None:
-        self.output_dir = Path(output_dir)
-        self.val: dict[str, float] = {}
-        self.untrained: float | None = None
-        self.metrics: dict[str, Any] = {}
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        if self.untrained is None and trainer.state.fn == "validate" and trainer.global_step == 0:
-            # train() validates once before fitting: the seeds' "about 1/num_classes when untrained" check.
-            self.untrained = val.get("val/acc")
-            if trainer.logger is not None and self.untrained is not None:
-                trainer.logger.log_metrics({"val/acc_untrained": self.untrained}, step=0)
-        # The last validation is trainer.validate(ckpt_path="best"), so these describe the tested weights.
-        self.val = val
+def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> plt.Figure:
+    """Accuracy against confidence per bin (bar width: the bin; shade: how many test images fell in it);
+    a calibrated model's bars reach the diagonal."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    total = max(1, sum(n for _, _, n in bins))
+    width = 1 / len(bins)
+    for i, (_, accuracy, count) in enumerate(bins):
+        ax.bar(
+            (i + 0.5) * width, accuracy, width=width, color="tab:blue", alpha=0.3 + 0.7 * count / total, edgecolor="k"
+        )
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy")
+    ax.set_title("Reliability diagram" + (f" (ECE {ece:.4f}, {len(bins)} bins)" if ece is not None else ""))
+    ax.legend(loc="upper left")
+    return fig
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Metrics on every rank (train() returns one on each); files and figures from rank 0 only."""
-        results = pl_module.test_results
-        test = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("test/loss", "test/acc")}
-        checkpoint = trainer.checkpoint_callback
-        untrained = {} if self.untrained is None else {"val/acc_untrained": self.untrained}
-        self.metrics = {
-            **untrained,
-            **self.val,
-            **test,
-            "test/acc_per_class": results["acc_per_class"],
-            "test/confusion_matrix": results["confusion_matrix"],
-            "class_names": list(pl_module.hparams.class_names),
-            "num_parameters": ModelSummary(pl_module).total_parameters,
-            "epochs": trainer.current_epoch,
-            "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
-        }
-        chance = chance_level(results["confusion_matrix"])
-        self.metrics["test/chance_level"] = chance
-        self.metrics["test/at_chance_level"] = bool(test.get("test/acc", 0.0) <= chance)
-        if not trainer.is_global_zero:
-            return
-        text = json.dumps(strict_json(self.metrics), indent=2, allow_nan=False)
-        write_atomic(self.output_dir / "metrics.json", text + "\n")
 
-        names = self.metrics["class_names"]
-        confmat = pl_module.eval_metrics["test"]["confusion_matrix"]
-        fig, _ = confmat.plot(torch.tensor(results["confusion_matrix"]), labels=names)
-        fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
-        save_figure(fig, trainer, self.output_dir, "confusion_matrix")
-        self._log_hparams(trainer, pl_module)
-
-    def _log_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        config = pl_module.hparams.get("config")
-        if trainer.logger is None or not config:
-            return
-        config = OmegaConf.create(config)
-        params = {k: OmegaConf.to_container(config, resolve=True).get(k) for k in HPARAM_SECTIONS if k in config}
-        if isinstance(params.get("trainer"), dict):
-            params["trainer"] = {"max_epochs": params["trainer"].get("max_epochs")}
-        final = {f"hparams/{k.replace('/', '_')}": v for k, v in self.metrics.items() if isinstance(v, float)}
-        trainer.logger.log_hyperparams(params, metrics=final)
+def _log_hparams(
+    trainer: L.Trainer, module: ClassifierModule, metrics: dict[str, Any], overrides: Sequence[str]
+) -> None:
+    """The run's command-line overrides first (in a sweep, what varies), then the config sections."""
+    config = module.hparams.get("config")
+    if not config:
+        return
+    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    params: dict[str, Any] = {"overrides": given} if given else {}
+    params.update({k: config.get(k) for k in HPARAM_SECTIONS if k in config})
+    if isinstance(params.get("trainer"), dict):
+        params["trainer"] = {"max_epochs": params["trainer"].get("max_epochs")}
+    final = {f"hparams/{k.replace('/', '_')}": v for k, v in metrics.items() if isinstance(v, float)}
+    trainer.logger.log_hyperparams(params, metrics=final)
 
 
 class PredictionFigures(L.Callback):
@@ -204,10 +241,17 @@ class PredictionFigures(L.Callback):
         )
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: TestStepOutput,
+        batch: Any,
+        batch_idx: int,
+        *_: Any,
     ) -> None:
         x, y = batch[0].cpu(), batch[1].cpu()
-        confidence, predicted = outputs["logits"].float().softmax(-1).max(-1)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs  # ClassifierModule's TestStepOutput
+        confidence, predicted = logits.float().softmax(-1).max(-1)
         confidence, predicted = confidence.cpu(), predicted.cpu()
         if sum(len(b[0]) for b in self.first) < self.num_images:
             self.first.append((x, predicted, y))

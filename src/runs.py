@@ -45,16 +45,21 @@ RESUMABLE_CHANGES = (
 )
 
 
-def build_trainer(cfg: DictConfig, skip: tuple[str, ...] = ()) -> L.Trainer:
-    """The Trainer with the config's callbacks (except those named in `skip`), logger, and checkpoints
-    that are written atomically and read with weights_only=True."""
-    show_progress = cfg.trainer.get("enable_progress_bar", True)
-    callbacks = [
-        instantiate(c)
-        for name, c in cfg.callbacks.items()
-        if c and name not in skip and (name != "progress_bar" or show_progress)
-    ]
+def build_trainer(
+    cfg: DictConfig, only: tuple[str, ...] | None = None, extra: list[L.Callback] | tuple = ()
+) -> L.Trainer:
+    """The Trainer with the config's callbacks (those named in `only`, if given) and `extra`, logger, and
+    checkpoints that are written atomically and read with weights_only=True."""
+    chosen = [c for name, c in cfg.callbacks.items() if c and (only is None or name in only)]
+    callbacks = [c for c in map(instantiate, chosen) if c is not None] + list(extra)  # a factory may give none
     return instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=[SafeCheckpointIO()])
+
+
+def task_overrides() -> list[str]:
+    """This run's command-line overrides that say what it computes (for HPARAMS and resume commands)."""
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(NOT_SETTINGS)]
 
 
 def _settings(overrides: Path | list[str]) -> list[str]:

@@ -13,6 +13,8 @@ import argparse
 import csv
 import io
 import json
+import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ from src.errors import UserError, one_line, report_errors
 from src.reports import write_atomic
 
 COLUMNS = ("run", "status", "overrides", "val/loss", "val/acc", "test/acc", "test/loss", "epochs", "wall_time_s")
-STATS = ("val/loss", "val/acc", "test/acc")
+STATS = ("val/acc", "test/acc", "val/loss", "test/loss")
+GROUPED_BY = ("seed=", "dataset.fold=")  # runs that differ only by these are repeats of one setting
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -40,8 +43,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per run directory (a folder with `.hydra/overrides.yaml`) under `sweep_dir`."""
     rows = []
 
-    def natural(path: Path) -> list[Any]:  # runs 2 before 10
-        return [int(part) if part.isdigit() else part for part in path.parts]
+    def natural(path: Path) -> list[Any]:  # runs 2_... before 10_...
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
     for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=natural):
         run_dir = overrides_file.parent.parent
@@ -74,18 +77,20 @@ def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     return sorted(rows, key=key)
 
 
-def aggregate_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over completed runs whose overrides differ only by `seed=`."""
+def aggregate_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over completed runs whose overrides differ only by GROUPED_BY (repeats with other seeds,
+    the folds of a cross-validation)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["status"] == "COMPLETED" and "seed=" in row["overrides"]:
-            rest = " ".join(o for o in row["overrides"].split() if not o.startswith("seed="))
+        overrides = row["overrides"].split()
+        if row["status"] == "COMPLETED" and any(o.startswith(GROUPED_BY) for o in overrides):
+            rest = " ".join(o for o in overrides if not o.startswith(GROUPED_BY))
             groups.setdefault(rest, []).append(row)
     table = []
     for overrides, group in groups.items():
         if len(group) < 2:
             continue
-        entry: dict[str, Any] = {"overrides": overrides, "seeds": len(group)}
+        entry: dict[str, Any] = {"overrides": overrides, "runs": len(group)}
         for key in STATS:
             values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
             entry[f"{key} mean"] = statistics.mean(values) if values else None
@@ -134,17 +139,53 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
         if these:
             lines = [f"- {r['run']} ({r['overrides']}) {r['error']}".rstrip() for r in these]
             text += f"\n\n{title}:\n" + "\n".join(lines)
-    seeds = aggregate_seeds(rows)
-    if seeds:
-        columns = ["overrides", "seeds", *(f"{k} {s}" for k in STATS for s in ("mean", "std"))]
-        text += "\n\n## Over seeds\n\n" + markdown(seeds, columns)
+    groups = aggregate_groups(rows)
+    if groups:
+        columns = ["overrides", "runs", *(f"{k} {s}" for k in STATS for s in ("mean", "std"))]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(groups)
+        write_atomic(sweep_dir / "summary_groups.csv", buffer.getvalue())
+        text += "\n\n## Over seeds and folds (mean and std of runs that differ only by seed or dataset.fold)\n\n"
+        text += markdown(groups, columns)
     write_atomic(sweep_dir / "summary.md", text + "\n")
     return text
+
+
+SWEEP_KEYS = "IMAGE_CLASSIFY_SWEEP_KEYS"  # the keys a sweep varies, for its jobs (in any launcher's workers)
+_SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag)\(")
+
+
+def varying_keys(overrides: list[str], searched: list[str]) -> list[str]:
+    """Keys given several values on the command line (`a=1,2`, `a=range(...)`) or searched by the sweeper."""
+    keys = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        top_level = re.sub(r"\[[^]]*]|\{[^}]*}|\([^)]*\)", "", value)  # commas inside lists are one value
+        if _SWEEP_FUNCTION.match(value) or "," in top_level:
+            keys.append(key.lstrip("+~"))
+    return keys + [k for k in searched if k not in keys]
+
+
+def sweep_subdir(num: int, overrides: list[str]) -> str:
+    """A sweep job's folder: its number and its values of the keys the sweep varies (folder-safe)."""
+    keys = set(os.environ.get(SWEEP_KEYS, "").split(","))
+    varying = ",".join(o for o in overrides if o.partition("=")[0].lstrip("+~") in keys)
+    name = varying.replace("/", "_")[:200]
+    return f"{num}_{name}" if name else str(num)
+
+
+OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
 
 
 class SweepSummary(Callback):
     """Hydra callback: in a sweep, rewrites the sweep's summary table after every job (each run writes its
     own job_status.json, src/runs.py)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        searched = list((config.hydra.sweeper.get("params") or {}).keys())
+        os.environ[SWEEP_KEYS] = ",".join(varying_keys(list(config.hydra.overrides.task), searched))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         status_file = Path(config.hydra.runtime.output_dir) / "job_status.json"

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import warnings
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.calibration import CollectLogits, calibrate, store_temperature
 from src.classifier import ClassifierModule
 from src.config import ConfigError, validate
+from src.console import quiet_console
 from src.errors import report_errors
-from src.reports import final_metrics, format_table
-from src.runs import RunRecord, build_trainer, resume_from
+from src.lr_find import find_lr
+from src.reports import format_table, report_run
+from src.runs import RunRecord, build_trainer, resume_from, task_overrides
 
 log = logging.getLogger(__name__)
-# In-process loading (num_workers=0) is the measured fastest on small CPU machines; don't nag about it.
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 def keep_freed_memory() -> None:
@@ -52,6 +52,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> Classifi
         std=std,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
         config=run_config,
@@ -69,16 +70,28 @@ def train(cfg: DictConfig) -> float:
         datamodule.prepare_data()
         datamodule.setup("fit")  # the model's shape and classes come from the data
         module = build_module(cfg, datamodule)
+        extra: dict[str, float] = {}
+        if cfg.lr_find and cfg.ckpt_path is None:  # a resumed run keeps the learning rate it had
+            finder = build_trainer(cfg, only=("progress_bar",))
+            extra["lr_find/suggestion"] = find_lr(finder, module, datamodule, cfg.paths.output_dir)
         trainer = record.trainer = build_trainer(cfg)
+        untrained = None
         if cfg.ckpt_path is None:  # accuracy before training: about 1/num_classes, or something is wrong
-            trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)
+            untrained = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)[0]
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         # Report the weights with the best val loss (the current ones if no checkpoint was written).
         best = "best" if getattr(trainer.checkpoint_callback, "best_model_path", "") else None
-        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+        if cfg.calibrate:
+            extra |= calibrate(build_trainer(cfg, only=("progress_bar",), extra=[CollectLogits()]), module, datamodule)
+            extra["test/ece_uncalibrated"] = test["test/ece"]
+            test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+            checkpoint = trainer.checkpoint_callback
+            store_temperature([checkpoint.best_model_path, checkpoint.last_model_path], float(module.temperature))
 
-        metrics = final_metrics(trainer)
+        untrained_acc = untrained.get("val/acc") if untrained else None
+        metrics = report_run(trainer, module, cfg.paths.output_dir, test, val, untrained_acc, task_overrides(), extra)
         if trainer.is_global_zero:
             print(format_table(metrics))
             print(f"run directory: {cfg.paths.output_dir}")
@@ -93,6 +106,7 @@ def train(cfg: DictConfig) -> float:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     keep_freed_memory()
+    quiet_console()
     return report_errors(lambda: train(cfg))
 
 

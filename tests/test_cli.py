@@ -31,6 +31,7 @@ def cli(tmp_path_factory):
         "bad_type": [*offline_empty, "trainer.max_epochs=abc"],
         "missing_data": [*offline_empty, *FAST],
         "train": [*offline_dataset("fashion_mnist", root / "idx"), "model=cnn2", *FAST],
+        "default_console": [*offline_dataset("fashion_mnist", root / "idx"), "trainer.max_epochs=2"],
     }
     return run_all({name: [*args, f"hydra.run.dir={root / 'runs' / name}"] for name, args in runs.items()}, root)
 
@@ -65,6 +66,19 @@ def test_cli_trains_and_writes_the_run_directory(cli):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "test/acc" in result.stdout and f"run directory: {run_dir}" in result.stdout
+
+
+def test_default_run_console_is_quiet_and_prints_one_line_per_epoch_when_not_a_terminal(cli):
+    result, _ = cli["default_console"]
+    text = output(result)
+    assert result.returncode == 0, text[-3000:]
+    for noise in ("Tip:", "litlogger", "TPU available", "GPU available", "deprecated", "FLOPs", "Flops"):
+        assert noise not in text, (noise, text)
+    assert "Trainable params" in text  # the model summary stays
+    assert "it/s" not in text  # no progress-bar redraws in a captured (non-terminal) output
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"], text
+    assert "val/acc" in epoch_lines[0] and "train/loss_epoch" in epoch_lines[0]
 
 
 def test_help_lists_config_groups_and_choices(cli):

@@ -8,6 +8,8 @@ from conftest import CONF_DIR
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from src.errors import UserError, is_user_error, one_line
+
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 48)]
 
@@ -48,15 +50,27 @@ def test_lenet_on_mnist_has_60074_parameters():
     assert sum(p.numel() for p in net.parameters()) == 60074
 
 
-def test_too_small_images_for_bn_convnet_is_a_clear_value_error():
-    from src.models.bn_convnet import BNConvNet
+@pytest.mark.parametrize(
+    ("model", "shape", "message"),
+    [
+        ("bn_convnet", (3, 6, 6), "(3, 6, 6) are too small for 3 pooling blocks"),
+        ("cnn2", (1, 4, 4), "(1, 4, 4) are too small"),
+    ],
+)
+def test_too_small_images_are_a_user_error_naming_the_shape(model, shape, message):
+    with pytest.raises(Exception) as info:  # Hydra's InstantiationException around the model's UserError
+        build(model, shape, 10)
+    assert is_user_error(info.value) and isinstance(info.value.__cause__, UserError)
+    assert message in one_line(info.value)
 
-    with pytest.raises(ValueError, match=r"\(3, 6, 6\) are too small for 3 pooling blocks"):
-        BNConvNet((3, 6, 6), 10)
 
+def test_model_settings_are_written_only_in_the_model_configs():
+    """No Python defaults to drift from conf/model/*.yaml: every setting a config names is required."""
+    import inspect
 
-def test_too_small_images_for_cnn2_is_a_clear_value_error():
-    from src.models.cnn2 import CNN2
+    from hydra.utils import get_class
 
-    with pytest.raises(ValueError, match=r"\(1, 4, 4\) are too small"):
-        CNN2((1, 4, 4), 10)
+    for model in MODELS:
+        cfg = OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")
+        parameters = inspect.signature(get_class(cfg._target_)).parameters
+        assert all(parameters[key].default is inspect.Parameter.empty for key in cfg if key != "_target_"), model

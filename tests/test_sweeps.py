@@ -45,6 +45,11 @@ def test_sweep_writes_a_table_and_marks_the_crashed_run_failed(data, tmp_path):
     assert float(completed[0]["val/acc"]) >= float(completed[1]["val/acc"]), "sorted by val/acc"
     assert all(r["test/acc"] and r["wall_time_s"] and r["epochs"] == "1" for r in completed)
     assert "simulated crash in epoch 1" in (sweep / "summary.md").read_text()
+    # Each run's folder, and so its TensorBoard run, is named by what the sweep varies.
+    assert {r["run"].split("_", 1)[1] for r in rows} == {
+        f"model={m},trainer.max_epochs={e}" for m in ("mlp", "cnn2") for e in (1, 2)
+    }
+    assert len({p.parent.parent.name for p in sweep.glob("*/tensorboard/events.out.tfevents.*")}) == 4
 
     again = subprocess.run(
         [sys.executable, "-m", "src.summarize", str(sweep), "--metric", "val/loss"],
@@ -56,23 +61,57 @@ def test_sweep_writes_a_table_and_marks_the_crashed_run_failed(data, tmp_path):
     assert again.returncode == 0 and "Sorted by val/loss" in again.stdout
 
 
+def test_sweep_folder_names_hold_only_the_varying_overrides(monkeypatch):
+    from src.summarize import SWEEP_KEYS, sweep_subdir, varying_keys
+
+    given = ["model=mlp,cnn2", "optimizer.lr=range(1,3)", "model.hidden=[8,16]", "+x=glob(*)", "seed=1"]
+    assert varying_keys(given, ["dataset.batch_size"]) == ["model", "optimizer.lr", "x", "dataset.batch_size"]
+    monkeypatch.setenv(SWEEP_KEYS, "model,dataset.data_dir")
+    job = ["model=cnn2", "dataset.data_dir=/a/b", "trainer.max_epochs=3"]
+    assert sweep_subdir(7, job) == "7_model=cnn2,dataset.data_dir=_a_b"
+    monkeypatch.setenv(SWEEP_KEYS, "")
+    assert sweep_subdir(0, job) == "0"
+
+
 def test_runs_differing_only_by_seed_are_aggregated(data, tmp_path):
     sweep = tmp_path / "seeds"
     result = run_cli("-m", *tiny(data), "model=mlp", "trainer.max_epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr
     text = (sweep / "summary.md").read_text()
-    over_seeds = text.split("## Over seeds")[1]
+    over_seeds = text.split("## Over seeds and folds")[1]
     assert "| 2 |" in over_seeds, over_seeds  # one group of two seeds, with mean and std
+    (group,) = list(csv.DictReader((sweep / "summary_groups.csv").open()))
+    assert group["runs"] == "2" and group["overrides"] == "" and float(group["test/acc std"]) >= 0
 
 
-def test_optuna_search_runs_trials_and_reports_the_best(data, tmp_path):
-    sweep = tmp_path / "optuna"
-    args = ["-m", "hparams_search=fashion_mnist", *tiny(data), "trainer.max_epochs=1", "hydra.sweeper.n_trials=3"]
-    result = run_cli(*args, f"hydra.sweep.dir={sweep}")
-    assert result.returncode == 0, result.stderr
-    best = (sweep / "optimization_results.yaml").read_text()
-    assert "best_value" in best and "optimizer.lr" in best
-    assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 3
+def test_optuna_search_continues_its_study_when_run_again(data, tmp_path):
+    """The study lives in a SQLite file under paths.runs_root: a second run of the same command adds its trials."""
+    search = ["-m", "hparams_search=optuna", *tiny(data), "model=mlp", "trainer.max_epochs=1"]
+    search.append("hydra.sweeper.n_trials=2")
+    for name in ("first", "second"):
+        result = run_cli(*search, f"paths.runs_root={tmp_path}", f"hydra.sweep.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr
+        best = (tmp_path / name / "optimization_results.yaml").read_text()
+        assert "best_value" in best and "optimizer.lr" in best
+        assert len(list(csv.DictReader((tmp_path / name / "summary.csv").open()))) == 2
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/optuna-fashion_mnist-mlp.db"
+    study = optuna.load_study(study_name="fashion_mnist-mlp", storage=storage)
+    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_search_whose_every_trial_fails_ends_with_one_line(data, tmp_path):
+    crash = ["+callbacks.crash._target_=crash.RaiseDuringEpoch", "+callbacks.crash.epoch=0", "+callbacks.crash.batch=0"]
+    args = ["-m", "hparams_search=optuna", *tiny(data), "model=mlp", "trainer.max_epochs=1", "hydra.sweeper.n_trials=2"]
+    result = run_cli(
+        *args, *crash, f"paths.runs_root={tmp_path}", f"hydra.sweep.dir={tmp_path / 's'}",
+        env={"PYTHONPATH": str(REPO_ROOT / "tests")},
+    )  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: every trial of the search 'fashion_mnist-mlp' failed"), result.stderr[-2000:]
+    assert "No trials are completed yet" not in result.stderr
 
 
 def test_sweep_runs_through_submitit_local(data, tmp_path):

@@ -3,6 +3,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from src.errors import UserError
+
 
 def _conv_bn(in_channels: int, out_channels: int, pool: bool) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)]
@@ -23,14 +25,14 @@ class BNConvNet(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        widths: Sequence[int] = (64, 256, 256),
-        stem: int = 32,
-        convs_per_block: int = 2,
-        logit_scale: float = 1.0,
+        widths: Sequence[int],
+        stem: int,
+        convs_per_block: int,
+        logit_scale: float,
     ) -> None:
         super().__init__()
         if min(input_shape[1:]) < 2 ** len(widths):
-            raise ValueError(f"images of shape {tuple(input_shape)} are too small for {len(widths)} pooling blocks")
+            raise UserError(f"images of shape {tuple(input_shape)} are too small for {len(widths)} pooling blocks")
         self.stem = nn.Sequential(*_conv_bn(input_shape[0], stem, pool=False))
         self.blocks = nn.ModuleList()
         in_channels = stem

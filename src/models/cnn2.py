@@ -3,6 +3,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from src.errors import UserError
 from src.models.mlp import MLP
 
 
@@ -10,16 +11,17 @@ class CNN2(nn.Module):
     """Unpadded 3x3 conv + ReLU + 2x2 max-pool blocks (10 and 20 channels), then fully connected layers.
 
     With `hidden=[]` the features go straight to the classes (the first Fashion-MNIST seed); `hidden=[50]`
-    with `dropout=0.4` gives the second seed. The flatten size follows from `input_shape`.
+    with `dropout=0.4` gives the second seed; channels 6 and 16 with hidden 120-84 the MNIST seed's LeNet
+    (conf/model/lenet.yaml). The flatten size follows from `input_shape`.
     """
 
     def __init__(
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        channels: Sequence[int] = (10, 20),
-        hidden: Sequence[int] = (),
-        dropout: float = 0.0,
+        channels: Sequence[int],
+        hidden: Sequence[int],
+        dropout: float,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -32,7 +34,7 @@ class CNN2(nn.Module):
             with torch.no_grad():
                 feature_shape = self.features(torch.zeros(1, *input_shape)).shape[1:]
         except RuntimeError as e:
-            raise ValueError(
+            raise UserError(
                 f"images of shape {tuple(input_shape)} are too small for {len(channels)} unpadded "
                 "conv+pool blocks; resize them (dataset.size=[28,28]) or pick another model"
             ) from e

@@ -12,9 +12,9 @@ class CNN3(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        channels: Sequence[int] = (16, 32, 64),
-        hidden: int | Sequence[int] = 500,
-        dropout: float = 0.25,
+        channels: Sequence[int],
+        hidden: int | Sequence[int],
+        dropout: float,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []

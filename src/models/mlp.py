@@ -11,8 +11,8 @@ class MLP(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        hidden: Sequence[int] = (256, 128, 64),
-        dropout: float = 0.0,
+        hidden: Sequence[int],
+        dropout: float,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]

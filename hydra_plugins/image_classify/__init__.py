@@ -1,0 +1,1 @@
+"""Hydra plugins of this project (Hydra discovers plugins only under the `hydra_plugins` namespace)."""
