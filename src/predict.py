@@ -10,6 +10,12 @@ image is converted to that: a photo can be fed to a Fashion-MNIST model. Images 
 pool (Pillow releases the GIL) one batch ahead of the model, which sees whole batches; each image goes
 through the same load_image + to_tensor as it would alone, so a batch changes no prediction.
 
+ckpt_path may also be a file written by src.export, told apart by its suffix: NAME.onnx (run by onnxruntime)
+or NAME.pt (TorchScript). Class names and input shape then come from the file's metadata and the images
+are prepared the same way, less the normalization, which is inside the exported model. An ONNX file is a
+graph of standard operators; a TorchScript file is a program (torch.jit.load runs its TorchScript code):
+use only your own or ones you trust, as for any program. Any other file is read as a checkpoint, never run.
+
 Into the run directory: predictions.csv, streamed (one write per batch, so an interrupted or killed run
 keeps every row it finished; columns: csv_columns), with figures=true one figure per image. The console has
 the top_k classes per image up to PRINT_EACH images, beyond that a progress line every few seconds.
@@ -27,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -45,6 +52,7 @@ from src.classifier import ClassifierModule
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
 from src.errors import RunInterrupted, UserError, report_errors
+from src.export import format_of, open_exported
 
 MODES = {1: "L", 3: "RGB"}  # input_shape[0] -> the PIL mode the model was trained on
 PRINT_EACH = 20  # up to this many images, one console line each; beyond, progress lines (the CSV has all)
@@ -153,14 +161,47 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _load(ckpt_path: str, device: torch.device) -> ClassifierModule:
+@dataclass(frozen=True)
+class Model:
+    """What predict needs of a checkpoint or an exported file."""
+
+    class_names: list[str]
+    input_shape: list[int]
+    mean: list[float]  # the normalization predict applies (none for an exported file: it is inside)
+    std: list[float]
+    probabilities: Callable[[Sequence[torch.Tensor]], torch.Tensor]  # prepared tensors -> (N, classes) on the CPU
+
+
+def _load(ckpt_path: str, device: torch.device) -> Model:
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         hint = max(path.glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime, default=None)  # the newest run
         raise PredictError(
             f"ckpt_path={path} is a folder; give a .ckpt file" + (f", e.g. ckpt_path={hint}" if hint else "")
         )
-    return load_checkpoint(path, map_location=device).to(device).eval()
+    fmt = format_of(path)
+    if fmt is not None:
+        if not path.is_file():
+            raise PredictError(f"exported model not found: {path}")
+        exported = open_exported(path.read_bytes(), fmt, str(path), device)
+        channels = exported.input_shape[0]
+        return Model(
+            exported.class_names,
+            exported.input_shape,
+            [0.0] * channels,  # (x - 0) / 1: the images exactly as ToTensor gives them
+            [1.0] * channels,
+            lambda tensors: exported.logits(torch.stack(list(tensors))).softmax(dim=-1),
+        )
+    module = load_checkpoint(path, map_location=device).to(device).eval()
+    hp = module.hparams
+    channels = int(hp.input_shape[0])
+    return Model(
+        [str(c) for c in hp.class_names],
+        [int(v) for v in hp.input_shape],
+        per_channel(hp.mean, channels, "mean"),
+        per_channel(hp.std, channels, "std"),
+        partial(classify, module, device=device),
+    )
 
 
 def _figure_name(path: Path, used: set[str]) -> str:
@@ -281,15 +322,10 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
         images = str(images)  # e.g. images=123 (a folder named 123) arrives as an int
     paths = collect_images(images)
     device = _device(str(cfg.device))
-    module = _load(str(cfg.ckpt_path), device)
-
-    hp = module.hparams
-    class_names = [str(c) for c in hp.class_names]
-    input_shape = [int(v) for v in hp.input_shape]
+    model = _load(str(cfg.ckpt_path), device)
+    class_names, input_shape = model.class_names, model.input_shape
     if input_shape[0] not in MODES:
-        raise PredictError(f"the checkpoint expects {input_shape[0]}-channel images; only 1 or 3 are supported")
-    mean = per_channel(hp.mean, input_shape[0], "mean")
-    std = per_channel(hp.std, input_shape[0], "std")
+        raise PredictError(f"the model expects {input_shape[0]}-channel images; only 1 or 3 are supported")
     k = min(top_k, len(class_names))
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -298,13 +334,13 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
     done = failed = 0
     used: set[str] = set()
     started = shown = time.monotonic()
-    work = partial(prepare, input_shape=input_shape, mean=mean, std=std)
+    work = partial(prepare, input_shape=input_shape, mean=model.mean, std=model.std)
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="predict-decode")
     try:
         with sigterm_as_interrupt():
             for batch in prepared_batches(paths, batch_size, work, pool):
                 good = [item for item in batch if not isinstance(item, UnreadableImage)]
-                probs = iter(classify(module, [tensor for _, tensor in good], device) if good else [])
+                probs = iter(model.probabilities([tensor for _, tensor in good]) if good else [])
                 rows: list[list[object]] = []
                 for path, item in zip(paths[done : done + len(batch)], batch, strict=True):
                     if isinstance(item, UnreadableImage):

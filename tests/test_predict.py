@@ -440,3 +440,76 @@ def test_a_stopped_run_keeps_the_rows_it_finished(checkpoint: Path, tmp_path: Pa
         assert process.returncode == 130 and "Traceback" not in stderr, stderr
         reported = int(re.search(r"interrupted after (\d+) of 200 images; their rows are in ", stderr).group(1))
         assert reported <= len(rows) and stderr.strip().endswith(str(out / "predictions.csv")), stderr
+
+
+# --- exported models (src.export) ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path) -> dict[str, Path]:
+    """The module's checkpoint exported by src.export to ONNX and to TorchScript, beside it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from src.export import export
+
+    files = {}
+    for fmt in ("onnx", "torchscript"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+            files[fmt] = export(compose("export", overrides=[f"ckpt_path={checkpoint}", f"format={fmt}"]))
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_predict_on_an_exported_file_equals_predict_on_its_checkpoint(
+    checkpoint: Path, exported: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, fmt: str
+) -> None:
+    """The same mixed folder (sizes, modes, formats, an unreadable file), in batches of 3: the same rows,
+    classes and figures, probabilities within 1e-4, the same exit status."""
+    folder = tmp_path / "mixed"
+    for i in range(8):
+        mode, size, ext = [("L", (28, 28), "png"), ("RGB", (64, 40), "jpg"), ("RGBA", (20, 33), "png")][i % 3]
+        save(noise(mode, size, seed=i), folder / f"img{i:02d}.{ext}")
+    (folder / "img03b.png").write_bytes(b"not a png")
+    results = {}
+    for name, model in (("checkpoint", checkpoint), (fmt, exported[fmt])):
+        cfg = compose_predict(f"ckpt_path={model}", f"images={folder}", "batch_size=3", "top_k=10")
+        assert predict(cfg, tmp_path / name) == 1  # the unreadable one
+        results[name] = read_predictions(tmp_path / name)
+        assert len(list((tmp_path / name).glob("*.png"))) == 8
+    assert capsys.readouterr().err.count("error: ") == 2
+    for want, got in zip(results["checkpoint"], results[fmt], strict=True):
+        assert (got["path"], got["figure"], got["error"]) == (want["path"], want["figure"], want["error"])
+        if want["error"]:
+            continue
+        assert [name for name, _ in ranked(got)] == [name for name, _ in ranked(want)], want["path"]
+        for (_, p), (_, q) in zip(ranked(got), ranked(want), strict=True):
+            assert p == pytest.approx(q, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no_metadata", "has no class_names metadata: only models exported by src.export can be used"),
+        ("garbage_onnx", "is not a readable ONNX model"),
+        ("garbage_pt", "is not a readable TorchScript model"),
+        ("missing", "exported model not found: "),
+    ],
+)
+def test_unusable_exported_file_is_one_line(
+    exported: dict[str, Path], tmp_path: Path, case: str, expected: str
+) -> None:
+    import onnx
+
+    path = tmp_path / ("model.pt" if case == "garbage_pt" else "model.onnx")
+    if case == "no_metadata":  # a valid ONNX model, not written by src.export
+        model = onnx.load(exported["onnx"])
+        del model.metadata_props[:]
+        onnx.save(model, path)
+    elif case != "missing":
+        path.write_bytes(b"definitely not a model")
+    image = save(noise("L", (28, 28)), tmp_path / "x.png")
+    with pytest.raises(UserError) as error:
+        predict(compose_predict(f"ckpt_path={path}", f"images=[{image}]"), tmp_path / "out")
+    message = one_line(error.value)
+    assert message.startswith(str(path) if case != "missing" else expected) and expected in message
+    assert "\n" not in message
