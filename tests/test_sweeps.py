@@ -114,6 +114,18 @@ def test_search_whose_every_trial_fails_ends_with_one_line(data, tmp_path):
     assert "No trials are completed yet" not in result.stderr
 
 
+def test_three_fold_cross_validation_writes_one_group_of_three_runs(data, tmp_path):
+    sweep = tmp_path / "cv"
+    args = ["-m", *tiny(data), "model=mlp", "trainer.max_epochs=1", "dataset.folds=3", "dataset.fold=0,1,2"]
+    result = run_cli(*args, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    (group,) = list(csv.DictReader((sweep / "summary_groups.csv").open()))
+    assert group["runs"] == "3" and group["overrides"] == ""
+    assert list(group)[:6] == ["overrides", "runs", "val/acc mean", "val/acc std", "test/acc mean", "test/acc std"]
+    runs = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert float(group["test/acc mean"]) == pytest.approx(sum(float(r["test/acc"]) for r in runs) / 3, abs=1e-4)
+
+
 def test_sweep_runs_through_submitit_local(data, tmp_path):
     sweep = tmp_path / "submitit"
     args = ["-m", "hydra/launcher=submitit_local", *tiny(data), "trainer.max_epochs=1", "model=mlp,cnn2"]
