@@ -95,11 +95,26 @@ class Normalize(nn.Module):
         return (images - self.mean) / self.std
 
 
+class Temperature(nn.Module):
+    """Divides the logits by a calibrated run's temperature (src/calibration.py), as ClassifierModule does."""
+
+    def __init__(self, temperature: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("temperature", temperature.detach().clone().float())
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature
+
+
 def exportable(module: ClassifierModule) -> nn.Module:
-    """The checkpoint's network behind its normalization: images in [0, 1] in, logits out. Without
-    ClassifierModule's channels-last conversion, which changes speed, not results."""
+    """The checkpoint's network behind its normalization (and, if it was calibrated, before its temperature):
+    images in [0, 1] in, logits out. Without ClassifierModule's channels-last conversion, which changes
+    speed, not results."""
     meta = metadata(module)
-    return nn.Sequential(Normalize(meta["mean"], meta["std"]), module.net).eval()
+    layers = [Normalize(meta["mean"], meta["std"]), module.net]
+    if float(module.temperature) != 1.0:
+        layers.append(Temperature(module.temperature))
+    return nn.Sequential(*layers).eval()
 
 
 @contextmanager

@@ -283,3 +283,22 @@ def test_unreadable_checkpoint_is_one_line(tmp_path: Path) -> None:
         export(export_cfg(f"ckpt_path={ckpt}"))
     assert one_line(error.value).startswith(f"{ckpt} is not a readable checkpoint (")
     assert "\n" not in one_line(error.value) and not ckpt.with_suffix(".onnx").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_calibrated_checkpoints_temperature_is_inside_the_exported_model(
+    runs: dict, tmp_path: Path, fmt: str
+) -> None:
+    import shutil
+
+    from src.calibration import store_temperature
+
+    ckpt = tmp_path / "calibrated.ckpt"
+    shutil.copy(runs["mlp"][0], ckpt)
+    store_temperature([ckpt], 3.0)
+    out = export(export_cfg(f"ckpt_path={ckpt}", f"format={fmt}"))
+    images = split_images(ckpt)
+    got = open_exported(out.read_bytes(), fmt, str(out)).logits(images).softmax(-1)
+    calibrated = pytorch_probabilities(ckpt, images)  # ClassifierModule divides by its temperature
+    assert float((got - calibrated).abs().max()) <= 1e-4
+    assert float((calibrated - pytorch_probabilities(runs["mlp"][0], images)).abs().max()) > 1e-3  # T mattered
