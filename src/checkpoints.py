@@ -57,7 +57,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - anything unreadable is "not a checkpoint we can open"
-        if "Unsupported" in str(e):  # weights_only met a function, class or opcode it does not allow
+        if re.search(r"GLOBAL|unsupported", str(e), re.IGNORECASE):  # a function, class or opcode it refuses
             raise _refusal(path, e) from e
         why = f"not written by PyTorch, or cut short: {type(e).__name__}: {e}"
         raise CheckpointError(f"{path} is not a readable checkpoint ({why})") from e

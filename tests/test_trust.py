@@ -287,3 +287,19 @@ def test_a_run_directory_that_holds_a_run_is_continued_never_overwritten(compose
     assert strict_json_load(tmp_path / "job" / "metrics.json")["epochs"] == 2
     with pytest.raises(ConfigError, match=r"other settings \(optimizer.lr\)"):
         train(compose_cfg([*common, "trainer.max_epochs=3", "optimizer.lr=0.5"], tmp_path / "job"))
+
+
+class RunsAShellCommand:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_naming_os_system_is_refused_naming_it(tmp_path):
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"hyper_parameters": RunsAShellCommand()}, hostile)
+    with pytest.raises(CheckpointError, match=r"refused: loading it would run code \(it names posix.system\)"):
+        checkpoint_hparams(hostile)
+    garbage = tmp_path / "notes.ckpt"
+    garbage.write_text("hello")
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+        checkpoint_hparams(garbage)
