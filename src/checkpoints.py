@@ -9,6 +9,7 @@ in ALLOWED_TARGETS; anything else is refused with one line naming it.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import tempfile
@@ -80,15 +81,54 @@ def config_targets(config: Any) -> set[str]:
     return {target for _, target in _targets(config) if isinstance(target, str)}
 
 
+def _allowed_kinds() -> tuple[type, ...]:
+    """What a checked config may build: the kinds of object our config groups configure."""
+    import lightning as L
+    import optuna
+    from lightning.pytorch.loggers import Logger
+
+    return (
+        torch.nn.Module,
+        L.LightningDataModule,
+        L.Callback,
+        L.Trainer,
+        Logger,
+        torch.optim.Optimizer,
+        torch.optim.lr_scheduler.LRScheduler,
+        optuna.samplers.BaseSampler,
+    )
+
+
+# Functions a config may call (factories that return one of the allowed kinds, or None).
+ALLOWED_FUNCTIONS = ("src.console.progress_bar", "src.console.model_summary", "src.speed.ema")
+
+
+def _refuse_target(target: Any) -> str | None:
+    """Why `target` may not be instantiated from a checked config, or None. Beyond the package prefix, the
+    name must be a class of an allowed kind in an importable module (`src.reports.os.system` passes the
+    prefix, but `src.reports.os` is no module and os.system no such class), or an allowed function."""
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGETS):
+        return f"outside the allowed packages ({', '.join(ALLOWED_TARGETS)})"
+    if target in ALLOWED_FUNCTIONS:
+        return None
+    module_name, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:  # e.g. a class of another version of this project
+        return f"which is not a class of an importable module ({type(e).__name__}: {e})"
+    if not (isinstance(obj, type) and issubclass(obj, _allowed_kinds())):
+        return "not a model, datamodule, callback, logger, trainer, optimizer, scheduler or sampler class"
+    return None
+
+
 def check_targets(config: dict[str, Any], source: str | Path, trusted: set[str] = frozenset()) -> None:
-    """Refuse a config that would instantiate anything outside ALLOWED_TARGETS (or `trusted`, the targets
-    of the config the user is running now: a run resumed with its own callback names it again)."""
+    """Refuse a config that would instantiate anything but the allowed kinds of object in ALLOWED_TARGETS
+    (or `trusted`: the targets of the config the user is running now, e.g. a run resumed with its own
+    callback names it again)."""
     for key, target in _targets(config):
-        if not isinstance(target, str) or not (target.startswith(ALLOWED_TARGETS) or target in trusted):
-            raise CheckpointError(
-                f"{source} refused: its config sets {key}._target_={target!r}, outside the allowed "
-                f"packages ({', '.join(ALLOWED_TARGETS)})"
-            )
+        why = None if target in trusted else _refuse_target(target)
+        if why:
+            raise CheckpointError(f"{source} refused: its config sets {key}._target_={target!r}, {why}")
 
 
 def checkpoint_hparams(path: str | Path, trusted: set[str] = frozenset()) -> dict[str, Any]:
