@@ -31,6 +31,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 from src.errors import UserError
+from src.speed import check_tta, tta_logits
 
 
 class TestStepOutput(TypedDict):
@@ -66,16 +67,20 @@ class ClassifierModule(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = True,
         config: dict | None = None,
+        tta: str | None = None,
     ) -> None:
         """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
         `lr_scheduler` holds Lightning's scheduler settings (`interval`: "epoch" or "step", `frequency`) and
         `total_steps_key`: the scheduler argument that gets the run's number of optimizer steps (OneCycleLR's
         `total_steps`); conf/scheduler/*.yaml set both. `channels_last` stores images and conv weights as
         NHWC, which oneDNN and cuDNN convolve faster (3x for cnn2 on a 2-core CPU). `config` is the composed
-        run config, kept in the checkpoint so evaluate/predict can rebuild the run."""
+        run config, kept in the checkpoint so evaluate/predict can rebuild the run. `tta` is the test-time
+        augmentation of the val and test steps (src/speed.py: none, mirror, mirror_translate); by default the
+        run config's top-level `tta` (none if it has none)."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.channels_last = channels_last
+        self.tta = check_tta((config or {}).get("tta", "none") if tta is None else tta)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -138,7 +143,7 @@ class ClassifierModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> TestStepOutput:
         x, y = batch
-        logits = self(x)
+        logits = tta_logits(self, x, self.tta)
         self.eval_metrics[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         return {"logits": logits.detach()}
@@ -167,7 +172,8 @@ class ClassifierModule(L.LightningModule):
         for name, acc in by_class["acc_per_class"].items():
             self.log(f"test/acc_{name}", acc)
         ece = metrics["ece"]
-        reliability = reliability_bins(dim_zero_cat(ece.confidences), dim_zero_cat(ece.accuracies))
+        with ece.sync_context():  # every process's images, as compute() counted them
+            reliability = reliability_bins(dim_zero_cat(ece.confidences), dim_zero_cat(ece.accuracies))
         self.test_result = TestResult(
             confusion_matrix=values["confusion_matrix"].tolist(), reliability=reliability, **by_class
         )

@@ -19,6 +19,9 @@ class BNConvNet(nn.Module):
     conv -> BN -> GELU (with a residual connection), global max-pooling and one linear layer.
 
     Batch norm makes high learning rates and short schedules stable; widths trade accuracy for time.
+    `whiten=True` asks for airbench's whitening initialization of the stem conv (`stem_conv`) from patches
+    of the training images, which needs data: `src.speed.WhitenStem` (a default callback) does it at the
+    start of a fresh fit.
     """
 
     def __init__(
@@ -29,6 +32,7 @@ class BNConvNet(nn.Module):
         stem: int,
         convs_per_block: int,
         logit_scale: float,
+        whiten: bool,
     ) -> None:
         super().__init__()
         if min(input_shape[1:]) < 2 ** len(widths):
@@ -42,6 +46,11 @@ class BNConvNet(nn.Module):
             in_channels = width
         self.head = nn.Linear(in_channels, num_classes, bias=False)
         self.logit_scale = logit_scale  # < 1 softens the initial logits (airbench uses 1/9)
+        self.whiten = whiten
+
+    @property
+    def stem_conv(self) -> nn.Conv2d:
+        return self.stem[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

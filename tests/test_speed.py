@@ -1,0 +1,264 @@
+"""The speed-run options (src/speed.py): test-time augmentation, EMA of the weights, stem whitening."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAST, offline_dataset, write_cifar_batches
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from src.classifier import ClassifierModule
+from src.errors import UserError
+from src.models.bn_convnet import BNConvNet
+from src.speed import EMA, WhitenStem, patch_moment, tta_logits, whitening_filters
+from src.train import build_module, train
+
+TINY = ["model=bn_convnet", "model.widths=[8,16,16]", "model.stem=8", "dataset.batch_size=8"]
+
+
+def tiny_module(tta: str = "none", seed: int = 0) -> ClassifierModule:
+    torch.manual_seed(seed)
+    net = BNConvNet((3, 8, 8), 3, widths=[4], stem=6, convs_per_block=2, logit_scale=1.0, whiten=False)
+    return ClassifierModule(
+        net, ["a", "b", "c"], (3, 8, 8), optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9), tta=tta
+    )
+
+
+def tiny_loader(n: int = 12, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.arange(n) % 3), batch_size=batch_size)
+
+
+def tiny_trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=callbacks, **kwargs,
+    )  # fmt: skip
+
+
+# --- test-time augmentation -------------------------------------------------------------------------------
+def reflect_shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x moved by (dy, dx) = +-1 pixel, the uncovered border filled by reflection, by explicit indexing."""
+
+    def index(n: int, d: int) -> torch.Tensor:
+        i = torch.arange(n) - d
+        return torch.where(i < 0, -i, torch.where(i > n - 1, 2 * (n - 1) - i, i))
+
+    return x[..., index(x.shape[-2], dy), :][..., index(x.shape[-1], dx)]
+
+
+def hand_tta(forward, x: torch.Tensor, tta: str) -> torch.Tensor:
+    if tta == "mirror":
+        return (forward(x) + forward(x.flip(-1))) / 2
+    views = [(1 / 4, x), (1 / 4, x.flip(-1))]
+    for v in (reflect_shift(x, 1, 1), reflect_shift(x, -1, -1)):
+        views += [(1 / 8, v), (1 / 8, v.flip(-1))]
+    return sum(w * forward(v) for w, v in views)
+
+
+def test_mirror_tta_of_a_mirror_symmetric_image_is_the_plain_prediction():
+    module = tiny_module().eval()
+    x = torch.randn(5, 3, 8, 8)
+    x = (x + x.flip(-1)) / 2
+    with torch.no_grad():
+        torch.testing.assert_close(tta_logits(module, x, "mirror"), module(x))
+        assert not torch.allclose(tta_logits(module, torch.randn(5, 3, 8, 8), "mirror"), module(x))
+
+
+@pytest.mark.parametrize("tta", ["mirror", "mirror_translate"])
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_val_and_test_steps_average_the_logits_of_the_views(tmp_path, tta, stage):
+    module = tiny_module(tta)
+    logits = []
+
+    class Collect(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            logits.append(outputs["logits"])
+
+        on_test_batch_end = on_validation_batch_end
+
+    loader = tiny_loader()
+    getattr(tiny_trainer(tmp_path, [Collect()]), stage)(module, loader, verbose=False)
+    module.eval()
+    with torch.no_grad():
+        expected = torch.cat([hand_tta(module, x, tta) for x, _ in loader])
+        torch.testing.assert_close(torch.cat(logits), expected)
+        assert not torch.allclose(expected, torch.cat([module(x) for x, _ in loader]))
+
+
+def test_training_step_sees_only_the_plain_image():
+    module = tiny_module("mirror_translate").train()
+    seen = []
+    module.net.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    module.trainer = SimpleNamespace(log_every_n_steps=0, global_step=0)
+    x, y = next(iter(tiny_loader()))
+    module.training_step((x, y), 0)
+    assert seen == [len(x)]
+
+
+@pytest.mark.parametrize("value", ["flip", None, "Mirror"])
+def test_unknown_tta_is_a_user_error_naming_tta(value):
+    with pytest.raises(UserError, match="tta="):
+        ClassifierModule(torch.nn.Flatten(), ["a", "b"], (1, 2, 2), config={"tta": value})
+
+
+def test_tta_comes_from_the_run_config_by_default():
+    module = ClassifierModule(torch.nn.Flatten(), ["a", "b"], (1, 2, 2), config={"tta": "mirror"})
+    assert module.tta == "mirror"
+    assert ClassifierModule(torch.nn.Flatten(), ["a", "b"], (1, 2, 2)).tta == "none"
+
+
+# --- EMA of the weights -------------------------------------------------------------------------------------
+def float_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+class RecordWeights(L.Callback):
+    """The weights after every optimizer step, at the start of fitting, and as validation/test see them."""
+
+    def __init__(self) -> None:
+        self.steps, self.at_start, self.val, self.test = [], None, [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = float_state(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(float_state(pl_module))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(float_state(pl_module))
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.test.append(float_state(pl_module))
+
+
+def hand_ema(steps: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
+    average = dict(steps[0])  # the first update copies the weights
+    for weights in steps[1:]:
+        average = {k: decay * average[k] + (1 - decay) * weights[k] for k in average}
+    return average
+
+
+def assert_state_close(actual: dict, expected: dict) -> None:
+    assert set(expected) <= set(actual)
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key].float(), value.float(), msg=key)
+
+
+def test_ema_is_the_hand_computed_average_in_validation_checkpoints_test_and_resume(tmp_path):
+    decay = 0.6
+    record, checkpoint = RecordWeights(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = tiny_trainer(tmp_path, [EMA(decay), record, checkpoint], max_epochs=1, enable_checkpointing=True)
+    loader = tiny_loader()  # 3 steps an epoch
+    trainer.fit(tiny_module(), loader, loader)
+    assert len(record.steps) == 3
+    average = hand_ema(record.steps, decay)
+    assert not torch.allclose(average["net.stem.0.weight"], record.steps[-1]["net.stem.0.weight"])
+    assert_state_close(record.val[0], average)  # validation swaps the average in
+    ckpt = torch.load(checkpoint.last_model_path, weights_only=True)
+    assert_state_close(ckpt["state_dict"], average)  # checkpointed as the model
+    assert_state_close(ckpt["current_model_state"], record.steps[-1])  # the training weights, for resuming
+
+    # After fit, validate/test from the checkpoint see the average (and nothing swaps it out again).
+    record.val.clear()
+    trainer.validate(tiny_module(seed=5), loader, ckpt_path=checkpoint.last_model_path, verbose=False)
+    trainer.test(tiny_module(seed=5), loader, ckpt_path=checkpoint.last_model_path, verbose=False)
+    assert_state_close(record.val[0], average)
+    assert_state_close(record.test[0], average)
+
+    # Resuming continues from the training weights and the stored average.
+    resumed = RecordWeights()
+    trainer = tiny_trainer(tmp_path, [EMA(decay), resumed], max_epochs=2, enable_checkpointing=False)
+    trainer.fit(tiny_module(seed=5), loader, loader, ckpt_path=checkpoint.last_model_path, weights_only=True)
+    assert_state_close(resumed.at_start, record.steps[-1])
+    assert len(resumed.steps) == 3
+    assert_state_close(resumed.val[0], hand_ema(record.steps + resumed.steps, decay))
+
+
+def test_ema_decay_outside_0_1_is_a_user_error():
+    with pytest.raises(UserError, match="ema_decay"):
+        EMA(1.5)
+
+
+# --- stem whitening ------------------------------------------------------------------------------------------
+def smooth_images(n: int, channels: int = 3, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """Correlated pixels (neighbours and channels), so whitening has something to undo."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, channels, size + 2, size + 2)
+    x = torch.randn(n, 1, *shape[2:], generator=g) + 0.3 * torch.randn(shape, generator=g)
+    return torch.nn.functional.avg_pool2d(x, 3, stride=1)
+
+
+def assert_whitened(filters: torch.Tensor, images: torch.Tensor, eps: float) -> None:
+    """Filter outputs over the patches: uncorrelated, second moment lambda/(lambda+eps) (~1), +-pairs."""
+    moment, count = patch_moment(images, 3)
+    moment = moment / count
+    k = len(filters) // 2
+    flat = filters.reshape(len(filters), -1).double()
+    torch.testing.assert_close(flat[k:], -flat[:k])
+    eigenvalues = torch.linalg.eigvalsh(moment).flip(0)[:k]
+    out_moment = flat[:k] @ moment @ flat[:k].T
+    torch.testing.assert_close(out_moment, torch.diag(eigenvalues / (eigenvalues + eps)), atol=1e-6, rtol=1e-6)
+    strong = eigenvalues > 100 * eps  # identity along the directions well above eps
+    assert strong.any()
+    torch.testing.assert_close(torch.diag(out_moment)[strong], torch.ones_like(eigenvalues[strong]), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize(("n_filters", "pairs"), [(64, 27), (32, 16), (8, 4)])
+def test_whitening_filters_are_pairs_of_scaled_eigenvectors_with_identity_output_moment(n_filters, pairs):
+    images = smooth_images(40)
+    moment, count = patch_moment(images, 3)
+    filters = whitening_filters(moment / count, n_filters, eps=5e-4)
+    assert filters.shape == (2 * pairs, 27)
+    assert_whitened(filters, images, 5e-4)
+
+
+def test_whiten_stem_uses_the_normalized_training_batches_and_skips_resumed_fits(compose_cfg, tmp_path):
+    write_cifar_batches(tmp_path / "data", per_batch=12)
+    cfg = compose_cfg([*offline_dataset("cifar10", tmp_path / "data"), *FAST, *TINY, "model.whiten=true"])
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    before = module.net.stem_conv.weight.detach().clone()
+    trainer = tiny_trainer(tmp_path, [WhitenStem(images=20, eps=5e-4)], max_epochs=0)
+    trainer.fit(module, datamodule=datamodule)
+    weight = module.net.stem_conv.weight.detach()
+    assert not torch.allclose(weight[:8], before[:8])
+    loader = datamodule.train_dataloader()
+    images = torch.cat([datamodule.on_after_batch_transfer(b, 0)[0] for b in loader])[:20]  # normalized
+    assert images.mean().abs() < 0.5 and images.dtype == torch.float32
+    assert_whitened(weight[:8], images, 5e-4)  # stem=8: the 4 strongest directions, +-
+
+    resumed = SimpleNamespace(ckpt_path="last.ckpt", datamodule=datamodule)
+    WhitenStem().on_fit_start(resumed, SimpleNamespace(net=module.net))
+    torch.testing.assert_close(module.net.stem_conv.weight, weight)
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option", ["tta=mirror", "tta=mirror_translate", "ema_decay=0.9", "model.whiten=true"])
+def test_each_option_runs_end_to_end(compose_cfg, tmp_path, option):
+    write_cifar_batches(tmp_path / "data", per_batch=12)
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg([*offline_dataset("cifar10", tmp_path / "data"), *FAST, *TINY, option], run_dir)
+    result = train(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert result == pytest.approx(metrics[cfg.optimized_metric])
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ("current_model_state" in last) == option.startswith("ema")
+    if option.startswith("ema"):  # resuming a run with EMA continues it
+        resumed = compose_cfg(
+            [*offline_dataset("cifar10", tmp_path / "data"), *FAST, *TINY, option, "trainer.max_epochs=2",
+             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], run_dir,
+        )  # fmt: skip
+        train(resumed)
+        assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
