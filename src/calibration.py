@@ -15,6 +15,7 @@ from torch.nn.functional import cross_entropy
 
 from src.checkpoints import SafeCheckpointIO, read_checkpoint
 from src.classifier import ClassifierModule
+from src.errors import UserError
 
 
 class CollectLogits(L.Callback):
@@ -53,6 +54,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 def calibrate(trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule) -> dict[str, float]:
     """Fit the temperature on the validation split with `trainer` (built with a CollectLogits callback) and
     set it on `module`; returns what calibration.json-style reports need."""
+    if trainer.world_size > 1:  # each process would see only its share of the validation split
+        raise UserError("calibrate=true runs on one device: add trainer.devices=1 (or calibrate a checkpoint later)")
     collect = next(c for c in trainer.callbacks if isinstance(c, CollectLogits))
     module.temperature.fill_(1.0)
     trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -65,10 +68,11 @@ def calibrate(trainer: L.Trainer, module: ClassifierModule, datamodule: L.Lightn
     }
 
 
-def store_temperature(checkpoints: list[str | Path], temperature: float) -> None:
-    """Write the fitted temperature into the run's checkpoints, so evaluate, predict and export use it."""
-    io = SafeCheckpointIO()
-    for path in dict.fromkeys(str(p) for p in checkpoints if p and Path(p).is_file()):
-        content = read_checkpoint(path)
+def store_temperature(checkpoint: str | Path, temperature: float) -> None:
+    """Write the temperature into the checkpoint whose weights it was fitted on (the run's best), so evaluate,
+    predict and export use it. Not into last.ckpt: its weights differ, and a resumed run compares its val
+    loss with the best one measured at temperature 1."""
+    if checkpoint and Path(checkpoint).is_file():
+        content = read_checkpoint(checkpoint)
         content["state_dict"]["temperature"] = torch.tensor(temperature)
-        io.save_checkpoint(content, path)
+        SafeCheckpointIO().save_checkpoint(content, checkpoint)

@@ -35,7 +35,8 @@ class StopOnNonFiniteLoss(L.Callback):
             return
         step = trainer.global_step - 1  # the optimizer step this batch made
         if loss.device.type == "cpu":
-            if not torch.isfinite(loss):
+            # Every process stops together (one alone would leave the others waiting in the next all-reduce).
+            if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
                 self._stop(trainer, float(loss), step)
             return
         bad = ~torch.isfinite(loss.detach())
@@ -49,7 +50,8 @@ class StopOnNonFiniteLoss(L.Callback):
         self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
-        if self.first_bad is not None and (step := int(self.first_bad)) >= 0:
+        step = int(self.first_bad) if self.first_bad is not None else -1
+        if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
             self._stop(trainer, float("nan"), step)
 
     def _stop(self, trainer: L.Trainer, value: float, step: int) -> None:

@@ -36,12 +36,13 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def is_user_error(error: BaseException) -> bool:
-    """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build (a missing `???` value,
-    a `_target_` that fails on the values given). Bare ValueErrors are not: torch raises them for bugs."""
+    """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build (a missing `???` value, a
+    `_target_` Hydra cannot import, one whose constructor raises a UserError). Bare ValueErrors and
+    TypeErrors are not: torch raises them for bugs (src/config.py checks argument names and types first)."""
     if isinstance(error, (UserError, MissingMandatoryValue)):
         return True
-    if isinstance(error, InstantiationException):
-        return error.__cause__ is None or is_user_error(error.__cause__) or isinstance(error.__cause__, TypeError)
+    if isinstance(error, InstantiationException):  # Hydra could not build what the config names
+        return error.__cause__ is None or is_user_error(error.__cause__)
     return False
 
 

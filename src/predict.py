@@ -183,6 +183,11 @@ def _load(ckpt_path: str, device: torch.device) -> Model:
     if fmt is not None:
         if not path.is_file():
             raise PredictError(f"exported model not found: {path}")
+        if fmt == "torchscript":  # unlike a checkpoint or an ONNX graph, a TorchScript file is a program
+            print(
+                f"warning: running the TorchScript program in {path}: use only your own or trusted files",
+                file=sys.stderr,
+            )
         exported = open_exported(path.read_bytes(), fmt, str(path), device)
         channels = exported.input_shape[0]
         return Model(

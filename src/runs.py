@@ -93,7 +93,10 @@ def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
     """Keys whose values differ between this run's config and the checkpoint's run config, ignoring
     where runs write, whether they resume, and RESUMABLE_CHANGES."""
     now, then = _flat(OmegaConf.to_container(cfg, resolve=False)), _flat(saved)
-    ignored = ("ckpt_path", "resume", "paths", "hydra", *RESUMABLE_CHANGES)
+    resumable = RESUMABLE_CHANGES
+    if now.get("scheduler._target_") or then.get("scheduler._target_"):  # its saved state fixes the run's length
+        resumable = tuple(k for k in resumable if k != "trainer.max_epochs")
+    ignored = ("ckpt_path", "resume", "paths", "hydra", *resumable)
     keys = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     return [k for k in keys if not any(k == i or k.startswith(f"{i}.") for i in ignored)]
 
@@ -107,7 +110,8 @@ def resume_from(cfg: DictConfig) -> None:
     if cfg.resume and cfg.ckpt_path is None:
         cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.ckpt_path is None and own.is_file():  # a requeued SLURM job, or hydra.run.dir of an earlier run
+    in_place = cfg.ckpt_path is None and own.is_file()  # a requeued SLURM job, or hydra.run.dir of an earlier run
+    if in_place:
         log.info("%s already holds a run: continuing it", cfg.paths.output_dir)
         cfg.ckpt_path = str(own)
     if cfg.ckpt_path is None:
@@ -116,9 +120,11 @@ def resume_from(cfg: DictConfig) -> None:
     trusted = config_targets(OmegaConf.to_container(cfg, resolve=False))
     differ = differing_settings(cfg, checkpoint_hparams(checkpoint, trusted)["config"])
     if differ:
+        what = f"{cfg.paths.output_dir} holds a run" if in_place else f"ckpt_path={checkpoint} was"
+        instead = "choose another hydra.run.dir" if in_place else "start a new run without ckpt_path"
         raise ConfigError(
-            f"ckpt_path={checkpoint} was trained with other settings ({', '.join(differ)}); resume with the "
-            "same ones (only trainer.max_epochs and console settings may change), or start a new run without ckpt_path"
+            f"{what} trained with other settings ({', '.join(differ)}); continue it with the same ones (only "
+            f"trainer.max_epochs without a scheduler, and console settings, may change), or {instead}"
         )
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
@@ -132,7 +138,12 @@ def resume_command(cfg: DictConfig) -> str:
     run_dir = Path(cfg.paths.output_dir).resolve()
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
     overrides = [o for o in overrides if not o.startswith(("resume=", "ckpt_path="))]
-    if run_dir.is_relative_to(Path(cfg.paths.runs_root).resolve()):
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:  # resume=true takes the newest matching run: say it only when that is this one
+        found = find_last_checkpoint(Path(cfg.paths.runs_root), overrides).resolve() == last
+    except ConfigError:
+        found = False
+    if found:
         return shlex.join(["python", "-m", "src.train", *overrides, "resume=true"])
     return shlex.join(["python", "-m", "src.train", *overrides, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])
 
@@ -166,8 +177,10 @@ class RunRecord:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        # Lightning turns Ctrl-C inside any trainer call (also lr_find's and calibration's) into sys.exit(1).
+        stopped = self.trainer is not None and self.trainer.interrupted
         interrupted = isinstance(error, KeyboardInterrupt) or (
-            isinstance(error, SystemExit) and self.trainer is not None and self.trainer.interrupted
+            isinstance(error, SystemExit) and (isinstance(error.__context__, KeyboardInterrupt) or stopped)
         )
         status: dict[str, Any] = {"status": "COMPLETED"}
         if interrupted:
@@ -176,7 +189,11 @@ class RunRecord:
             status = {"status": "FAILED", "error": one_line(error)}
         if rank_zero_only.rank == 0:
             status["wall_time_s"] = round(time.time() - self.started, 3)
-            write_status(Path(self.cfg.paths.output_dir), status)
+            run_dir = Path(self.cfg.paths.output_dir)
+            write_status(run_dir, status)
+            invocation = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else run_dir
+            if invocation.resolve() != run_dir.resolve():  # a resumed run: this folder says where it went on
+                write_status(invocation, {**status, "continued_run": str(run_dir)})
         if interrupted:
             code = 128 + (signal.SIGTERM if self.signal_name == "SIGTERM" else signal.SIGINT)
             raise RunInterrupted(message, code) from None

@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> float:
             extra["test/ece_uncalibrated"] = test["test/ece"]
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
             checkpoint = trainer.checkpoint_callback
-            store_temperature([checkpoint.best_model_path, checkpoint.last_model_path], float(module.temperature))
+            store_temperature(checkpoint.best_model_path, float(module.temperature))
 
         untrained_acc = untrained.get("val/acc") if untrained else None
         metrics = report_run(trainer, module, cfg.paths.output_dir, test, val, untrained_acc, task_overrides(), extra)

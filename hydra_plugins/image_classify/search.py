@@ -5,19 +5,29 @@ summary.md)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
 import optuna
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _OptunaSweeper
 
+NO_BEST_TRIAL = ("No trials are completed yet", "Record does not exist")  # in memory, in a database
+
 
 class OptunaSweeper(_OptunaSweeper):
+    def setup(self, **kwargs: Any) -> None:
+        storage = self.sweeper.storage
+        if isinstance(storage, str) and storage.startswith("sqlite:///"):  # SQLite creates no missing folder
+            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        super().setup(**kwargs)
+
     def sweep(self, arguments: list[str]) -> None:
         try:
             return super().sweep(arguments)
-        except ValueError:  # Optuna's way of saying there is no best trial (its wording depends on the storage)
+        except (ValueError, KeyError) as e:
             impl = self.sweeper
-            if _completed_trials(impl.study_name, impl.storage):
-                raise
+            if not any(text in str(e) for text in NO_BEST_TRIAL) or self._completed_trials():
+                raise  # another error, e.g. a search space Optuna refuses: keep its traceback
             print(
                 f"error: every trial of the search {impl.study_name!r} failed; their errors are in the sweep's "
                 f"summary.md (python -m src.summarize {impl.config.hydra.sweep.dir})",
@@ -25,9 +35,8 @@ class OptunaSweeper(_OptunaSweeper):
             )
             sys.exit(1)
 
-
-def _completed_trials(study_name: str, storage: str | None) -> int:
-    if storage is None:  # an in-memory study is gone; its error said "No trials are completed yet"
-        return 0
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    def _completed_trials(self) -> int:
+        if self.sweeper.storage is None:  # an in-memory study's trials are gone with it
+            return 0
+        study = optuna.load_study(study_name=self.sweeper.study_name, storage=self.sweeper.storage)
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

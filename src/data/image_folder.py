@@ -35,9 +35,13 @@ GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
+# The formats the extensions name: a file called x.png that is really, say, EPS is not handed to Ghostscript.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+
+
 def _open(path: str | Path) -> Image.Image:
     """Open lazily (header only). Pillow only warns between its pixel limit and twice it: refuse it there too."""
-    image = Image.open(path)
+    image = Image.open(path, formats=FORMATS)
     pixels, limit = image.width * image.height, Image.MAX_IMAGE_PIXELS
     if limit and pixels > limit:
         image.close()
