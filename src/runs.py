@@ -191,7 +191,8 @@ class RunRecord:
             status["wall_time_s"] = round(time.time() - self.started, 3)
             run_dir = Path(self.cfg.paths.output_dir)
             write_status(run_dir, status)
-            invocation = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else run_dir
+            hydra_dir = HydraConfig.get().runtime.get("output_dir") if HydraConfig.initialized() else None
+            invocation = Path(hydra_dir) if hydra_dir else run_dir
             if invocation.resolve() != run_dir.resolve():  # a resumed run: this folder says where it went on
                 write_status(invocation, {**status, "continued_run": str(run_dir)})
         if interrupted:
