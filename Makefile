@@ -20,9 +20,12 @@ $(FASHION_MNIST): | .venv/installed
 train: .venv/installed $(FASHION_MNIST)
 	$(PY) -m src.train $(ARGS)
 
+# Fast tier first (in-process, tiny data; what to run while editing), then the slow tier (CLI subprocesses,
+# sweeps, DDP, signals, longer training). `pytest` alone runs both.
 test: .venv/installed
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m slow
 
 lint: .venv/installed
 	$(PY) -m ruff check src tests

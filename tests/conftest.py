@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import DictConfig, open_dict, read_write
 from PIL import Image
 
@@ -25,6 +28,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 if str(REPO_ROOT) not in sys.path:  # `import src...` also when pytest is started from elsewhere
     sys.path.insert(0, str(REPO_ROOT))
+
+# The tests' models and batches are tiny: with torch's default of one thread per core, every op waits for its
+# other threads, and on a small CPU shared with other jobs those waits dominate (a 1-epoch run measured 3x
+# slower). One thread, for this process and (inherited) every command it starts, unless set already.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",
@@ -133,14 +142,16 @@ def write_cifar_batches(
 
 
 # --- image folders ----------------------------------------------------------------------------------
-def write_image(path: Path, mode: str, size: tuple[int, int], value: int) -> None:
-    """A PIL image of `size` (height, width) in `mode` ("L" or "RGB"); the format follows the suffix."""
+def write_image(path: Path, mode: str, size: tuple[int, int], value: int) -> Path:
+    """A noise image of `size` (height, width) whose brightness and noise follow `value`, converted from RGB
+    to the PIL `mode` ("L", "RGB", "RGBA", "P", ...); the format follows the suffix. Returns `path`."""
     height, width = size
     rng = np.random.default_rng(value)
     pixels = np.clip(rng.integers(0, 40, size=(height, width, 3)) + value, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels, "RGB").convert(mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+    return path
 
 
 def write_image_folder(
@@ -187,6 +198,10 @@ FAST = [
     "dataset.num_workers=0",
 ]
 
+# For runs whose figures no test looks at: the image grids (test predictions, worst misclassified, a training
+# batch) take most of a tiny run's time. The shared fashion_run and test_train's runs keep them.
+NO_FIGURES = ["callbacks.prediction_figures=null", "callbacks.train_batch_figure=null"]
+
 
 def model_batch(datamodule, loader) -> tuple:
     """The first batch of `loader` as the model receives it: the in-memory path normalizes (and, in
@@ -202,29 +217,69 @@ def offline_dataset(dataset: str, data_dir: Path) -> list[str]:
     return overrides
 
 
-@pytest.fixture
-def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+def compose_train(overrides: Sequence[str], run_dir: Path) -> DictConfig:
     """Compose conf/train.yaml as `python -m src.train` would and prepare Hydra's runtime like run_job
-    does; returns the task config (no `hydra` key), as the task function receives it."""
+    does (output dir `run_dir`); returns the task config (no `hydra` key), as the task function receives
+    it. Whoever calls this resets `HydraConfig.instance().cfg = None` afterwards (compose_cfg does)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
+    overrides = [*overrides, f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task_cfg = copy.deepcopy(cfg)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    return task_cfg
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """compose_train for one test; the run directory defaults to `tmp_path / "run"`."""
+    from hydra.core.hydra_config import HydraConfig
+
     def _compose(overrides: Sequence[str], run_dir: Path | None = None) -> DictConfig:
-        run_dir = run_dir or tmp_path / "run"
-        overrides = [*overrides, f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        task_cfg = copy.deepcopy(cfg)
-        with read_write(task_cfg), open_dict(task_cfg):
-            del task_cfg["hydra"]
-        return task_cfg
+        return compose_train(overrides, run_dir or tmp_path / "run")
 
     yield _compose
     HydraConfig.instance().cfg = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished training run: its directory, the data and overrides it was trained with, its metrics.json."""
+
+    run_dir: Path
+    data_dir: Path
+    overrides: list[str]
+    metrics: dict
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def fashion_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One cnn2 run (`train(cfg)` in-process, one epoch on 80 gzipped Fashion-MNIST-format images), trained once
+    per session and shared: tests only read it. evaluate, export, predict and resumed runs write to folders of
+    their own (an in-process run has no .hydra folder, so ckpt_path= never continues in it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.train import train
+
+    root = tmp_path_factory.mktemp("fashion_run")
+    write_idx(root / "data", n_train=80, gz=True)
+    overrides = [*offline_dataset("fashion_mnist", root / "data"), "model=cnn2", *FAST]
+    try:
+        train(compose_train(overrides, root / "run"))
+    finally:
+        HydraConfig.instance().cfg = None
+    return Run(root / "run", root / "data", overrides, json.loads((root / "run" / "metrics.json").read_text()))
 
 
 # --- the CLI -----------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, offline_dataset, write_idx
+from conftest import FAST, NO_FIGURES, offline_dataset, write_idx
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -59,35 +60,43 @@ def data(tmp_path):
     return tmp_path / "data"
 
 
-def test_every_run_reports_ece_top5_per_class_scores_and_a_reliability_diagram(compose_cfg, data, tmp_path):
-    train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=mlp", *FAST]))
-    run = tmp_path / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
+def test_every_run_reports_ece_top5_per_class_scores_and_a_reliability_diagram(fashion_run):
+    metrics = fashion_run.metrics
     assert 0 <= metrics["test/ece"] <= 1 and metrics["test/acc"] <= metrics["test/acc_top5"] <= 1
     for key in ("precision", "recall", "f1"):
         assert set(metrics[f"test/{key}_per_class"]) == set(metrics["class_names"])
-    assert sum(b["images"] for b in metrics["test/reliability"]) == sum(map(sum, metrics["test/confusion_matrix"]))
-    assert (run / "reliability_diagram.png").is_file()
+        assert all(0 <= v <= 1 for v in metrics[f"test/{key}_per_class"].values() if v is not None), key
+    matrix = metrics["test/confusion_matrix"]
+    assert sum(b["images"] for b in metrics["test/reliability"]) == sum(map(sum, matrix))
+    for i, name in enumerate(metrics["class_names"]):  # recall is the confusion matrix's diagonal over its row
+        if sum(matrix[i]):
+            assert metrics["test/recall_per_class"][name] == pytest.approx(matrix[i][i] / sum(matrix[i]), abs=1e-6)
+    with Image.open(fashion_run.run_dir / "reliability_diagram.png") as image:
+        assert image.width > 100 and image.height > 100
 
 
-def test_calibrate_fits_a_temperature_on_val_and_stores_it_in_the_checkpoints(compose_cfg, data, tmp_path):
-    overrides = [*offline_dataset("fashion_mnist", data), "model=cnn2", *FAST, "trainer.max_epochs=3", "calibrate=true"]
+def test_calibrate_fits_a_temperature_on_val_and_stores_it_in_the_best_checkpoint(compose_cfg, data, tmp_path):
+    overrides = [*offline_dataset("fashion_mnist", data), "model=cnn2", *FAST, *NO_FIGURES, "trainer.max_epochs=3"]
+    overrides.append("calibrate=true")
     train(compose_cfg(overrides))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["calibration/val_nll_after"] <= metrics["calibration/val_nll_before"]
     assert "test/ece_uncalibrated" in metrics and "test/ece" in metrics
     temperature = metrics["calibration/temperature"]
     assert temperature > 0 and temperature != 1.0
-    for name in (metrics["best_checkpoint"], tmp_path / "run" / "checkpoints" / "last.ckpt"):
-        assert float(read_checkpoint(name)["state_dict"]["temperature"]) == pytest.approx(temperature)
+    assert float(read_checkpoint(metrics["best_checkpoint"])["state_dict"]["temperature"]) == pytest.approx(temperature)
+    last = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]  # other weights: not T's
+    assert float(last.get("temperature", torch.ones(()))) == 1.0
 
 
 def test_lr_find_trains_with_the_finders_suggestion_and_draws_its_curve(compose_cfg, tmp_path):
     write_idx(tmp_path / "more", n_train=1000)  # the finder takes 100 steps and needs a curve to read
-    train(compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "more"), "model=mlp", *FAST, "lr_find=true"]))
+    overrides = [*offline_dataset("fashion_mnist", tmp_path / "more"), "model=mlp", *FAST, *NO_FIGURES, "lr_find=true"]
+    train(compose_cfg(overrides))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     suggestion = metrics["lr_find/suggestion"]
     assert 1e-8 < suggestion < 1 and math.isfinite(suggestion)
-    assert (tmp_path / "run" / "lr_find.png").is_file()
+    with Image.open(tmp_path / "run" / "lr_find.png") as image:
+        assert image.width > 100 and image.height > 100
     used = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]
     assert used["lr"] == pytest.approx(suggestion)

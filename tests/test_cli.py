@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import FAST, offline_dataset, run_cli, write_idx
+from omegaconf import OmegaConf
+
+pytestmark = pytest.mark.slow  # every test reads a `python -m src.train` subprocess run
 
 DATASETS = ("cifar10", "fashion_mnist", "image_folder", "mnist")
 MODELS = ("cnn2", "cnn3", "lenet", "mlp")
@@ -64,7 +67,8 @@ def test_cli_trains_and_writes_the_run_directory(cli):
     assert sum(map(sum, metrics["test/confusion_matrix"])) == 30
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")  # the composed config, as the run used it
+    assert saved.model._target_ == "src.models.cnn2.CNN2" and saved.dataset.data_dir.endswith("idx")
     assert "test/acc" in result.stdout and f"run directory: {run_dir}" in result.stdout
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import CONF_DIR
+from omegaconf import OmegaConf
 
 from src.config import ConfigError, validate
 
@@ -19,24 +20,59 @@ def test_default_config_composes_and_validates(compose_cfg):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "targets"),
     [
-        ["dataset=mnist", "model=lenet", "optimizer=sgd", "scheduler=step"],
-        ["dataset=cifar10", "model=cnn3", "optimizer=adamw", "scheduler=cosine"],
-        ["dataset=image_folder", "dataset.data_dir=/tmp/x", "dataset.size=[32,32]", "model=mlp"],
-        ["dataset=image_folder", "dataset.data_dir=/tmp/x", "dataset.size=32", "model=cnn2", "seed=0"],
+        (
+            ["dataset=mnist", "model=lenet", "optimizer=sgd", "scheduler=step"],
+            ("mnist.MNISTDataModule", "cnn2.CNN2", "SGD", "StepLR"),
+        ),
+        (
+            ["dataset=cifar10", "model=cnn3", "optimizer=adamw", "scheduler=cosine"],
+            ("cifar10.CIFAR10DataModule", "cnn3.CNN3", "AdamW", "CosineAnnealingLR"),
+        ),
+        (
+            ["dataset=image_folder", "dataset.data_dir=/tmp/x", "dataset.size=[32,32]", "model=mlp"],
+            ("image_folder.ImageFolderDataModule", "mlp.MLP", "Adam", None),
+        ),
+        (
+            ["dataset=image_folder", "dataset.data_dir=/tmp/x", "dataset.size=32", "model=cnn2", "seed=0"],
+            ("image_folder.ImageFolderDataModule", "cnn2.CNN2", "Adam", None),
+        ),
     ],
     ids=["mnist-lenet-sgd-step", "cifar10-cnn3-adamw-cosine", "image_folder-size-list", "image_folder-size-int"],
 )
-def test_group_choices_compose_and_validate(compose_cfg, overrides):
-    validate(compose_cfg(overrides))
+def test_group_choices_compose_and_validate(compose_cfg, overrides, targets):
+    cfg = compose_cfg(overrides)
+    validate(cfg)
+    dataset, model, optimizer, scheduler = targets
+    assert cfg.dataset._target_ == f"src.data.{dataset}" and cfg.model._target_ == f"src.models.{model}"
+    assert cfg.optimizer._target_ == f"torch.optim.{optimizer}"
+    if scheduler is None:
+        assert cfg.get("scheduler") is None
+    else:
+        assert cfg.scheduler._target_ == f"torch.optim.lr_scheduler.{scheduler}"
+    assert cfg.dataset.seed == cfg.seed
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_validates(compose_cfg, experiment):
+    """The experiment's own values win over the groups' defaults, and the result validates."""
     cfg = compose_cfg([f"experiment={experiment}"])
     validate(cfg)
-    assert cfg.trainer.max_epochs >= 1
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml"))
+    own.pop("defaults", None)
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                yield from leaves(child, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    settings = dict(leaves(own))
+    assert "trainer.max_epochs" in settings, "an experiment says how long it trains"
+    for key, value in settings.items():
+        assert OmegaConf.select(cfg, key) == value, key
 
 
 @pytest.mark.parametrize(
@@ -55,3 +91,20 @@ def test_wrong_value_type_is_a_config_error_naming_the_key(compose_cfg, override
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert str(info.value).startswith(f"{key}=")
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("dataset=nope", ["dataset/nope", "cifar10", "fashion_mnist", "image_folder", "mnist"]),
+        ("model=nope", ["model/nope", "cnn2", "cnn3", "lenet", "mlp"]),
+        ("trainer.max_epocs=1", ["trainer.max_epocs"]),
+    ],
+)
+def test_unknown_choice_or_misspelt_key_fails_at_composition_naming_it(compose_cfg, override, words):
+    """In-process, what `python -m src.train dataset=nope` prints (tests/test_cli.py, slow tier)."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises((MissingConfigException, ConfigCompositionException)) as info:
+        compose_cfg([override])
+    assert all(word in str(info.value) for word in words), str(info.value)

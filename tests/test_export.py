@@ -34,6 +34,8 @@ from src.data import DataError
 from src.errors import UserError, one_line
 from src.export import METADATA, ExportError, export, exportable, open_exported
 
+pytestmark = pytest.mark.slow  # the module's runs fixture trains five models; fast tier: tests/test_predict.py
+
 NO_FIGURES = ["callbacks.prediction_figures=null", "callbacks.train_batch_figure=null"]
 
 # One run per model family, each on another real format and data path.
@@ -295,7 +297,7 @@ def test_a_calibrated_checkpoints_temperature_is_inside_the_exported_model(
 
     ckpt = tmp_path / "calibrated.ckpt"
     shutil.copy(runs["mlp"][0], ckpt)
-    store_temperature([ckpt], 3.0)
+    store_temperature(ckpt, 3.0)
     out = export(export_cfg(f"ckpt_path={ckpt}", f"format={fmt}"))
     images = split_images(ckpt)
     got = open_exported(out.read_bytes(), fmt, str(out)).logits(images).softmax(-1)

@@ -1,8 +1,9 @@
 """`python -m src.predict` end to end: a checkpoint from a real (tiny, one-epoch) training run, then the
-command in a subprocess on images of other sizes and modes, a folder, unreadable files, a big folder in
-small batches (equal to one image at a time) and a run killed midway (its CSV keeps the finished rows).
+command on images of other sizes and modes, a folder, unreadable files, a big folder in small batches (equal
+to one image at a time), exported models, and a run stopped midway (its CSV keeps the finished rows).
 
-Self-contained on purpose (no conftest fixtures): the tiny Fashion-MNIST IDX files are written here.
+Most cases call `predict(cfg, out)` in-process; the command's own exit status and stderr lines, and the
+stopped runs, start `python -m src.predict` (slow tier).
 """
 
 from __future__ import annotations
@@ -10,25 +11,20 @@ from __future__ import annotations
 import csv
 import re
 import signal
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import CONF_DIR, FASHION_CLASSES, REPO_ROOT, cli_env, write_image
 from omegaconf import DictConfig
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from src.errors import UserError, one_line  # noqa: E402
-from src.predict import (  # noqa: E402
+from src.errors import UserError, one_line
+from src.predict import (
     PredictError,
     collect_images,
     csv_columns,
@@ -38,60 +34,17 @@ from src.predict import (  # noqa: E402
     to_tensor,
 )
 
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-def write_fashion_idx(raw: Path, n_train: int = 64, n_test: int = 20) -> None:
-    """The four IDX files in torchvision's layout: class-dependent brightness plus noise."""
-    raw.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        images = np.clip(rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19, 0, 255).astype(np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">ii", 2049, n) + labels.astype(np.uint8).tobytes()
-        )
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train cnn2 for one epoch on 64 images, in-process, once for the whole module."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from src.train import train
-
-    root = tmp_path_factory.mktemp("fashion")
-    write_fashion_idx(root / "FashionMNIST" / "raw")
-    run = root / "run"
-    overrides = [
-        f"dataset.data_dir={root}",
-        "dataset.local_copies=[]",
-        "dataset.download=false",
-        "model=cnn2",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.accelerator=cpu",
-        "dataset.batch_size=16",
-        f"hydra.run.dir={run}",
-        f"paths.output_dir={run}",
-    ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        train(cfg)
-    ckpt = run / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    return ckpt
+def checkpoint(fashion_run) -> Path:
+    """last.ckpt of the session's shared one-epoch cnn2 run on Fashion-MNIST-format images (conftest); predict
+    and export only read it (exports go to a folder of their own)."""
+    return fashion_run.last
 
 
 def run_predict(ckpt: Path | str, images: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "src.predict", f"ckpt_path={ckpt}", f"images={images}", f"hydra.run.dir={out}"]
-    return subprocess.run([*command, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*command, *extra], cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
 
 
 def compose_predict(*overrides: str) -> DictConfig:
@@ -99,7 +52,7 @@ def compose_predict(*overrides: str) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("predict", overrides=list(overrides))
 
 
@@ -166,9 +119,9 @@ def check_outputs(
         names = [name for name, _ in pairs]
         probs = [p for _, p in pairs]
         assert names == [name for name, _ in printed], path
-        assert len(set(names)) == top_k and set(names) <= set(FASHION)
+        assert len(set(names)) == top_k and set(names) <= set(FASHION_CLASSES)
         assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
-        assert sum(probs) <= 1.0 + 1e-4 and probs[0] >= 1.0 / len(FASHION) - 1e-6
+        assert sum(probs) <= 1.0 + 1e-4 and probs[0] >= 1.0 / len(FASHION_CLASSES) - 1e-6
         for (_, percent), p in zip(printed, probs, strict=True):
             assert percent == pytest.approx(100 * p, abs=0.051)
         figure = out / row["figure"]
@@ -179,27 +132,13 @@ def check_outputs(
     return predicted
 
 
-def save(image: Image.Image, path: Path, **kwargs: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-    return path
-
-
-def noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
-    """A random image of PIL `mode` and (width, height) `size`."""
-    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
-
-
 # --- in-process: preprocessing ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("mode", "shape"),
     [("L", (1, 28, 28)), ("RGB", (1, 28, 28)), ("RGBA", (1, 28, 28)), ("P", (3, 32, 24)), ("L", (3, 16, 16))],
 )
 def test_load_image_converts_to_the_model_input(tmp_path: Path, mode: str, shape: tuple[int, int, int]) -> None:
-    source = noise("RGB", (50, 40)).convert(mode) if mode != "L" else noise("L", (50, 40))
-    path = save(source, tmp_path / "image.png")
+    path = write_image(tmp_path / "image.png", mode, (40, 50), 0)
     image = load_image(path, shape)
     assert image.mode == ("L" if shape[0] == 1 else "RGB") and image.size == (shape[2], shape[1])
     mean, std = per_channel([0.5], shape[0], "mean"), per_channel([0.25] * shape[0], shape[0], "std")
@@ -231,14 +170,15 @@ def _empty(tmp_path: Path) -> Path:
 
 
 # --- the command, in a subprocess as a user runs it ------------------------------------------------
+@pytest.mark.slow
 def test_predict_other_sizes_modes_and_unreadable_files(checkpoint: Path, tmp_path: Path) -> None:
     """Gray PNG of another size, RGB JPEG, RGBA PNG, palette GIF are converted to 28x28 gray and predicted;
     a corrupt, a missing and a truncated file each get one error line, and the exit status is 1."""
     good = [
-        save(noise("L", (40, 50)), tmp_path / "in" / "gray.png"),
-        save(noise("RGB", (64, 48), seed=1), tmp_path / "in" / "photo.jpg", quality=90),
-        save(noise("RGBA", (28, 28), seed=2), tmp_path / "in" / "alpha.png"),
-        save(noise("RGB", (30, 20), seed=3).convert("P"), tmp_path / "in" / "palette.gif"),
+        write_image(tmp_path / "in" / "gray.png", "L", (50, 40), 0),
+        write_image(tmp_path / "in" / "photo.jpg", "RGB", (48, 64), 1),
+        write_image(tmp_path / "in" / "alpha.png", "RGBA", (28, 28), 2),
+        write_image(tmp_path / "in" / "palette.gif", "P", (20, 30), 3),
     ]
     corrupt = tmp_path / "in" / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
@@ -267,7 +207,7 @@ def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.Capture
     In-process (compose parses the overrides as the command line does) to spare an interpreter start-up."""
     folder = tmp_path / "folder"
     images = [
-        save(noise("L", (28, 28), seed=i), folder / name)
+        write_image(folder / name, "L", (28, 28), i)
         for i, name in enumerate(["b.png", "a.bmp", "c.jpeg", "a.png"])  # a.bmp and a.png share a stem
     ]
     (folder / "notes.txt").write_text("not an image")
@@ -279,8 +219,9 @@ def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.Capture
     assert sorted(row["figure"] for row in rows) == ["a-2.png", "a.png", "b.png", "c.png"]
 
 
+@pytest.mark.slow
 def test_predict_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
-    image = save(noise("L", (28, 28)), tmp_path / "x.png")
+    image = write_image(tmp_path / "x.png", "L", (28, 28), 0)
     result = run_predict(tmp_path / "nope.ckpt", f"[{image}]", tmp_path / "out")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stdout.strip() == ""
@@ -302,7 +243,7 @@ def test_predict_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     ],
 )
 def test_predict_bad_options(checkpoint: Path, tmp_path: Path, case: str, expected: str) -> None:
-    image = save(noise("L", (28, 28)), tmp_path / "x.png")
+    image = write_image(tmp_path / "x.png", "L", (28, 28), 0)
     overrides = {"ckpt_path": str(checkpoint), "images": f"[{image}]"}
     extra: list[str] = []
     if case == "garbage":
@@ -332,7 +273,7 @@ def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, 
     """The printed top class is the model's own argmax on the normalized 28x28 tensor."""
     from src.checkpoints import load_checkpoint
 
-    image = save(noise("RGB", (56, 56), seed=7), tmp_path / "big.png")
+    image = write_image(tmp_path / "big.png", "RGB", (56, 56), 7)
     status = predict(compose_predict(f"ckpt_path={checkpoint}", f"images={image}", "top_k=20"), tmp_path / "out")
     assert status == 0
     module = load_checkpoint(checkpoint)
@@ -341,10 +282,10 @@ def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, 
         probs = module(x.unsqueeze(0)).softmax(-1)[0]
     (row,) = read_predictions(tmp_path / "out")
     pairs = ranked(row)
-    assert len(pairs) == len(FASHION)  # top_k larger than the class count: all classes
+    assert len(pairs) == len(FASHION_CLASSES)  # top_k larger than the class count: all classes
     assert sum(p for _, p in pairs) == pytest.approx(1.0, abs=1e-4)
-    assert pairs[0] == (FASHION[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6))
-    assert capsys.readouterr().out.startswith(f"{image}: {FASHION[int(probs.argmax())]} ")
+    assert pairs[0] == (FASHION_CLASSES[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6))
+    assert capsys.readouterr().out.startswith(f"{image}: {FASHION_CLASSES[int(probs.argmax())]} ")
 
 
 # --- many images: batches, the streamed CSV, interruption --------------------------------------------
@@ -354,7 +295,7 @@ def test_figures_false_writes_one_csv_row_per_image_and_no_figures(
     """50 PNGs in batches of 16: a row each, in order, the header for top_k=2, no figure, 0644, and a
     progress line instead of 50 per-image lines."""
     folder = tmp_path / "many"
-    images = [save(noise("L", (28, 28), seed=i), folder / f"img{i:02d}.png") for i in range(50)]
+    images = [write_image(folder / f"img{i:02d}.png", "L", (28, 28), i) for i in range(50)]
     out = tmp_path / "out"
     cfg = compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "figures=false", "batch_size=16", "top_k=2")
     assert predict(cfg, out) == 0
@@ -371,7 +312,7 @@ def test_figures_false_writes_one_csv_row_per_image_and_no_figures(
         ]
     rows = read_predictions(out)
     assert [row["path"] for row in rows] == [str(p) for p in images]
-    assert all(row["class"] in FASHION and row["figure"] == row["error"] == "" for row in rows)
+    assert all(row["class"] in FASHION_CLASSES and row["figure"] == row["error"] == "" for row in rows)
     assert all(1.0 >= float(row["probability"]) >= float(row["top2_probability"]) > 0.0 for row in rows)
     assert not list(out.glob("*.png"))
     assert (out / "predictions.csv").stat().st_mode & 0o777 == 0o644
@@ -386,9 +327,9 @@ def test_batched_predictions_equal_per_image_ones(checkpoint: Path, tmp_path: Pa
 
     folder = tmp_path / "mixed"
     for i in range(12):
-        mode, size, ext = [("L", (28, 28), "png"), ("RGB", (64, 40), "jpg"), ("RGBA", (20, 33), "png")][i % 3]
-        save(noise(mode, size, seed=i), folder / f"img{i:02d}.{ext}")
-    save(noise("RGB", (30, 20), seed=99).convert("P"), folder / "img04b.gif")
+        mode, size, ext = [("L", (28, 28), "png"), ("RGB", (40, 64), "jpg"), ("RGBA", (33, 20), "png")][i % 3]
+        write_image(folder / f"img{i:02d}.{ext}", mode, size, i)
+    write_image(folder / "img04b.gif", "P", (20, 30), 99)
     (folder / "img05b.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     cfg = compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "figures=false", "batch_size=3", "top_k=10")
@@ -406,21 +347,24 @@ def test_batched_predictions_equal_per_image_ones(checkpoint: Path, tmp_path: Pa
         with torch.no_grad():
             alone = module(x.unsqueeze(0)).softmax(-1)[0]
         pairs = ranked(row)
-        assert pairs[0][0] == FASHION[int(alone.argmax())], row["path"]
+        assert pairs[0][0] == FASHION_CLASSES[int(alone.argmax())], row["path"]
         for name, p in pairs:
-            assert p == pytest.approx(float(alone[FASHION.index(name)]), abs=2e-6), (row["path"], name)
+            assert p == pytest.approx(float(alone[FASHION_CLASSES.index(name)]), abs=2e-6), (row["path"], name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
 def test_a_stopped_run_keeps_the_rows_it_finished(checkpoint: Path, tmp_path: Path, how: str) -> None:
     """Stopped midway (killed outright, or Ctrl-C), the CSV holds the header and whole rows for a prefix
     of the images, each with its figure; Ctrl-C also says how many and exits 130 without a traceback."""
     folder = tmp_path / "many"
-    images = [save(noise("L", (28, 28), seed=i), folder / f"img{i:03d}.png") for i in range(200)]
+    images = [write_image(folder / f"img{i:03d}.png", "L", (28, 28), i) for i in range(200)]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "src.predict", f"ckpt_path={checkpoint}", f"images={folder}"]
     command += ["batch_size=2", f"hydra.run.dir={out}"]  # figures=true: ~0.1 s an image, a long run
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 90
         while not (out / "predictions.csv").is_file() or (out / "predictions.csv").read_text().count("\n") < 3:
@@ -433,7 +377,7 @@ def test_a_stopped_run_keeps_the_rows_it_finished(checkpoint: Path, tmp_path: Pa
     rows = read_predictions(out)
     assert 2 <= len(rows) < len(images)
     assert [row["path"] for row in rows] == [str(p) for p in images[: len(rows)]]
-    assert all(row["class"] in FASHION and (out / row["figure"]).is_file() for row in rows)
+    assert all(row["class"] in FASHION_CLASSES and (out / row["figure"]).is_file() for row in rows)
     if how == "SIGKILL":
         assert process.returncode == -signal.SIGKILL
     else:
@@ -444,18 +388,20 @@ def test_a_stopped_run_keeps_the_rows_it_finished(checkpoint: Path, tmp_path: Pa
 
 # --- exported models (src.export) ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def exported(checkpoint: Path) -> dict[str, Path]:
-    """The module's checkpoint exported by src.export to ONNX and to TorchScript, beside it."""
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The module's checkpoint exported by src.export to ONNX and to TorchScript."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from src.export import export
 
+    folder = tmp_path_factory.mktemp("exported")
     files = {}
-    for fmt in ("onnx", "torchscript"):
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.pt")):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-            files[fmt] = export(compose("export", overrides=[f"ckpt_path={checkpoint}", f"format={fmt}"]))
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            overrides = [f"ckpt_path={checkpoint}", f"format={fmt}", f"out={folder / name}"]
+            files[fmt] = export(compose("export", overrides=overrides))
     return files
 
 
@@ -467,8 +413,8 @@ def test_predict_on_an_exported_file_equals_predict_on_its_checkpoint(
     classes and figures, probabilities within 1e-4, the same exit status."""
     folder = tmp_path / "mixed"
     for i in range(8):
-        mode, size, ext = [("L", (28, 28), "png"), ("RGB", (64, 40), "jpg"), ("RGBA", (20, 33), "png")][i % 3]
-        save(noise(mode, size, seed=i), folder / f"img{i:02d}.{ext}")
+        mode, size, ext = [("L", (28, 28), "png"), ("RGB", (40, 64), "jpg"), ("RGBA", (33, 20), "png")][i % 3]
+        write_image(folder / f"img{i:02d}.{ext}", mode, size, i)
     (folder / "img03b.png").write_bytes(b"not a png")
     results = {}
     for name, model in (("checkpoint", checkpoint), (fmt, exported[fmt])):
@@ -507,7 +453,7 @@ def test_unusable_exported_file_is_one_line(
         onnx.save(model, path)
     elif case != "missing":
         path.write_bytes(b"definitely not a model")
-    image = save(noise("L", (28, 28)), tmp_path / "x.png")
+    image = write_image(tmp_path / "x.png", "L", (28, 28), 0)
     with pytest.raises(UserError) as error:
         predict(compose_predict(f"ckpt_path={path}", f"images=[{image}]"), tmp_path / "out")
     message = one_line(error.value)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     FAST,
+    NO_FIGURES,
     REPO_ROOT,
     UNEVEN_TEST_LABELS,
     offline_dataset,
@@ -42,17 +43,8 @@ def tensorboard_tags(log_dir: Path) -> tuple[dict, list]:
     return tags, list(events.PluginRunToTagToContent("hparams"))
 
 
-@pytest.fixture
-def fashion_run(compose_cfg, tmp_path):
-    write_idx(tmp_path / "data", n_train=80, gz=True)
-    run_dir = tmp_path / "run"
-    cfg = compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "data"), "model=cnn2", *FAST], run_dir)
-    train(cfg)
-    return run_dir, json.loads((run_dir / "metrics.json").read_text())
-
-
 def test_every_run_writes_figures_untrained_accuracy_and_hparams(fashion_run):
-    run_dir, metrics = fashion_run
+    run_dir, metrics = fashion_run.run_dir, fashion_run.metrics
     for name in FIGURES:
         with Image.open(run_dir / f"{name}.png") as image:
             assert image.width > 100 and image.height > 100, name
@@ -75,7 +67,7 @@ def test_mnist_and_cifar_experiments_run_on_small_real_format_data(compose_cfg, 
         write_cifar_batches(data, per_batch=12)
         dataset = "cifar10"
     overrides = [f"experiment={experiment}", *offline_dataset(dataset, data), "trainer.max_epochs=1"]
-    cfg = compose_cfg([*overrides, "trainer.enable_progress_bar=false"], tmp_path / "run")
+    cfg = compose_cfg([*overrides, "trainer.enable_progress_bar=false", *NO_FIGURES], tmp_path / "run")
     assert cfg.dataset.batch_size == (10 if dataset == "mnist" else 20)  # the seed's settings, not defaults
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -97,17 +89,24 @@ def test_changing_an_experiments_dataset_keeps_its_other_settings():
     assert (cfg.optimizer.lr, cfg.trainer.max_epochs, cfg.model._target_) == (0.01, 20, "src.models.cnn3.CNN3")
 
 
-def compose_evaluate(overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
-    with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-        cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+@pytest.fixture
+def compose_evaluate():
+    """Compose conf/evaluate.yaml with Hydra's runtime output dir `out`, as `python -m src.evaluate` does."""
+
+    def _compose(overrides: list[str], out: Path):
+        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[*overrides, f"hydra.run.dir={out}"], return_hydra_config=True)
+        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = str(out)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    HydraConfig.instance().cfg = None
 
 
-def test_evaluate_reproduces_the_training_runs_test_metrics(fashion_run, tmp_path):
-    run_dir, trained = fashion_run
+def test_evaluate_reproduces_the_training_runs_test_metrics(fashion_run, compose_evaluate, tmp_path):
+    run_dir, trained = fashion_run.run_dir, fashion_run.metrics
     out = tmp_path / "evaluate"
     cfg = compose_evaluate([f"ckpt_path={trained['best_checkpoint']}", "trainer.enable_progress_bar=false"], out)
     metrics = evaluate(cfg)
@@ -116,20 +115,23 @@ def test_evaluate_reproduces_the_training_runs_test_metrics(fashion_run, tmp_pat
     assert metrics["test/confusion_matrix"] == trained["test/confusion_matrix"]
     assert json.loads((out / "metrics.json").read_text())["test/acc"] == trained["test/acc"]
     for name in ("confusion_matrix", "test_predictions", "worst_misclassified"):
-        assert (out / f"{name}.png").is_file(), name
+        with Image.open(out / f"{name}.png") as image:
+            assert image.width > 100 and image.height > 100, name
+    assert json.loads((run_dir / "metrics.json").read_text()) == trained  # the run's own folder is left alone
 
 
+@pytest.mark.slow
 def test_evaluate_errors_are_one_line(fashion_run, tmp_path):
-    run_dir, trained = fashion_run
+    trained = fashion_run.metrics
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("hello")
-    other_classes = write_image_folder(tmp_path / "other", classes=("a", "b"), train_per_class=4, test_per_class=2)
+    other_data = write_image_folder(tmp_path / "other", classes=("a", "b"), train_per_class=4, test_per_class=2)
     cases = [
-        [f"ckpt_path={tmp_path / 'missing.ckpt'}"],
-        [f"ckpt_path={not_a_checkpoint}"],
-        [f"ckpt_path={trained['best_checkpoint']}", f"dataset.data_dir={other_classes}"],
+        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], f"checkpoint not found: {tmp_path / 'missing.ckpt'}"),
+        ([f"ckpt_path={not_a_checkpoint}"], f"{not_a_checkpoint} is not a readable checkpoint"),
+        ([f"ckpt_path={trained['best_checkpoint']}", f"dataset.data_dir={other_data}"], "FashionMNIST not found"),
     ]
-    for args in cases:
+    for args, expected in cases:
         result = subprocess.run(
             [sys.executable, "-m", "src.evaluate", *args, f"hydra.run.dir={tmp_path / 'e'}"],
             cwd=REPO_ROOT,
@@ -140,8 +142,10 @@ def test_evaluate_errors_are_one_line(fashion_run, tmp_path):
         output = result.stdout + result.stderr
         assert result.returncode == 1, output
         assert "Traceback" not in output and output.count("error:") == 1, output
+        assert expected in result.stderr, output
 
 
+@pytest.mark.slow
 def test_run_killed_during_epoch_3_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
     """SIGKILL mid-epoch, resume from last.ckpt: same test metrics as never stopping (CPU, same seed)."""
     write_idx(tmp_path / "data", n_train=120, gz=True)
@@ -176,11 +180,14 @@ def test_run_killed_during_epoch_3_resumes_to_the_uninterrupted_result(compose_c
     assert after["test/loss"] == full["test/loss"]
 
 
+@pytest.mark.slow
 def test_resume_true_finds_the_last_checkpoint_of_the_matching_run(tmp_path):
     write_idx(tmp_path / "data", n_train=60, gz=True)
     common = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=mlp", *FAST, f"paths.runs_root={tmp_path}"]
     first = tmp_path / "runs" / "first"
-    assert run_cli(*common, f"hydra.run.dir={first}").returncode == 0
+    started = run_cli(*common, f"hydra.run.dir={first}")
+    assert started.returncode == 0, started.stderr
+    assert json.loads((first / "metrics.json").read_text())["epochs"] == 1
     other = run_cli(*common, "resume=true", "model.hidden=[8]", f"hydra.run.dir={tmp_path / 'runs' / 'other'}")
     assert other.returncode == 1 and "no run under" in other.stderr  # other overrides: not the same run
     again = run_cli(*common, "resume=true", f"hydra.run.dir={tmp_path / 'runs' / 'again'}")

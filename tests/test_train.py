@@ -13,12 +13,14 @@ from conftest import (
     CIFAR_CLASSES,
     FASHION_CLASSES,
     FAST,
+    NO_FIGURES,
     UNEVEN_TEST_LABELS,
     offline_dataset,
     write_cifar_batches,
     write_idx,
     write_image_folder,
 )
+from PIL import Image
 
 from src.train import train
 
@@ -73,7 +75,8 @@ def check_run(run_dir: Path, result: float, optimized: str, class_names: list[st
     assert [sum(row) for row in matrix] == [test_counts[c] for c in range(k)], "rows must be the true class"
     correct = sum(matrix[i][i] for i in range(k))
     assert metrics["test/acc"] == pytest.approx(correct / sum(test_counts.values()), abs=1e-6)
-    assert (run_dir / "confusion_matrix.png").is_file()
+    with Image.open(run_dir / "confusion_matrix.png") as image:
+        assert image.width > 100 and image.height > 100
     return metrics
 
 
@@ -89,23 +92,35 @@ FAST_RECIPE = [
 ]
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     ("dataset", "model", "extra"),
     [
-        ("mnist", "cnn2", []),
-        ("fashion_mnist", "mlp", ["optimizer=adamw", "scheduler=step"]),
-        ("cifar10", "cnn3", ["optimizer=sgd", "scheduler=cosine", "dataset.crop_padding=4", "label_smoothing=0.1"]),
-        ("image_folder", "lenet", []),
-        ("fashion_mnist", "cnn2", ["dataset.in_memory=false", "dataset.hflip=true", "dataset.rotation=10"]),
-        ("cifar10", "bn_convnet", [*FAST_RECIPE, "dataset.crop_padding=4", "dataset.hflip=true"]),
-    ],
-    ids=[
-        "mnist-cnn2",
-        "fashion_mnist-mlp",
-        "cifar10-cnn3",
-        "image_folder-lenet",
-        "fashion_mnist-cnn2-per_sample",
-        "cifar10-bn_convnet-onecycle-bf16",
+        pytest.param("mnist", "cnn2", [], id="mnist-cnn2"),
+        pytest.param("fashion_mnist", "mlp", ["optimizer=adamw", "scheduler=step"], id="fashion_mnist-mlp", marks=SLOW),
+        pytest.param(
+            "cifar10",
+            "cnn3",
+            ["optimizer=sgd", "scheduler=cosine", "dataset.crop_padding=4", "label_smoothing=0.1"],
+            id="cifar10-cnn3",
+            marks=SLOW,
+        ),
+        pytest.param("image_folder", "lenet", [], id="image_folder-lenet", marks=SLOW),
+        pytest.param(
+            "fashion_mnist",
+            "cnn2",
+            ["dataset.in_memory=false", "dataset.hflip=true", "dataset.rotation=10"],
+            id="fashion_mnist-cnn2-per_sample",
+            marks=SLOW,
+        ),
+        pytest.param(
+            "cifar10",
+            "bn_convnet",
+            [*FAST_RECIPE, "dataset.crop_padding=4", "dataset.hflip=true"],
+            id="cifar10-bn_convnet-onecycle-bf16",
+        ),
     ],
 )
 def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_path, dataset, model, extra):
@@ -120,7 +135,8 @@ def test_one_epoch_writes_checkpoints_tensorboard_and_metrics(compose_cfg, tmp_p
 def test_one_cycle_schedule_is_stepped_every_batch_to_its_end(compose_cfg, tmp_path):
     write_idx(tmp_path / "data", n_train=100, gz=True)
     run_dir = tmp_path / "run"
-    overrides = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=bn_convnet", *FAST, *FAST_RECIPE]
+    overrides = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=bn_convnet", *FAST, *NO_FIGURES]
+    overrides += FAST_RECIPE
     train(compose_cfg([*overrides, "trainer.max_epochs=2"], run_dir))
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     steps = 2 * math.ceil(90 / 8)  # 2 epochs of 90 training images in batches of 8
@@ -128,6 +144,7 @@ def test_one_cycle_schedule_is_stepped_every_batch_to_its_end(compose_cfg, tmp_p
     assert checkpoint["lr_schedulers"][0]["total_steps"] == steps
 
 
+@pytest.mark.slow
 def test_image_folder_without_test_folder_reports_on_the_val_split(compose_cfg, tmp_path):
     write_image_folder(tmp_path / "data", train_per_class=20, test_per_class=None, mode="L", size=(28, 28))
     run_dir = tmp_path / "run"
@@ -142,7 +159,7 @@ def test_image_folder_without_test_folder_reports_on_the_val_split(compose_cfg, 
 
 def test_checkpoint_keeps_classes_input_shape_and_run_config(compose_cfg, tmp_path):
     write_idx(tmp_path / "data", n_train=40)
-    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", "seed=0", *FAST])
+    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", "seed=0", *FAST, *NO_FIGURES])
     train(cfg)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     hparams = ckpt["hyper_parameters"]
@@ -152,6 +169,7 @@ def test_checkpoint_keeps_classes_input_shape_and_run_config(compose_cfg, tmp_pa
     assert hparams["config"]["seed"] == 0
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_result(compose_cfg, tmp_path):
     write_idx(tmp_path / "data", n_train=48)
     results = []
@@ -166,12 +184,63 @@ def test_same_seed_gives_the_same_result(compose_cfg, tmp_path):
     assert results[0]["test/loss"] == pytest.approx(results[1]["test/loss"], rel=1e-5)
 
 
-def test_progress_bar_can_be_turned_off_with_the_trainer_flag(compose_cfg, tmp_path):
-    """`trainer.enable_progress_bar=false` alone: conf/trainer says any Trainer argument may be overridden."""
+@pytest.mark.parametrize("enabled", [True, False])
+def test_progress_is_one_line_per_epoch_off_a_terminal_and_the_trainer_flag_turns_it_off(
+    compose_cfg, tmp_path, capsys, enabled
+):
+    """Output that is not a terminal (here: pytest's capture) gets one line per epoch, no bar redraws;
+    `trainer.enable_progress_bar=false` alone turns it off (conf/trainer: any Trainer argument may be
+    overridden)."""
     write_idx(tmp_path / "data", n_train=40)
-    fast = [o for o in FAST if not o.startswith("callbacks.progress_bar")]
-    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *fast])
-    assert isinstance(train(cfg), float)
+    fast = [o for o in [*FAST, *NO_FIGURES] if not o.startswith(("callbacks.progress_bar", "trainer.enable_"))]
+    fast = [o if o != "trainer.max_epochs=1" else "trainer.max_epochs=2" for o in fast]
+    cfg = compose_cfg(
+        [*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *fast, f"trainer.enable_progress_bar={enabled}"]
+    )
+    result = train(cfg)
+    assert result == pytest.approx(json.loads((tmp_path / "run" / "metrics.json").read_text())["val/acc"])
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.out + captured.err  # no bar redraws
+    epoch_lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    if not enabled:
+        assert epoch_lines == []
+        return
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"], captured.out
+    assert "val/acc" in epoch_lines[0] and "train/loss_epoch" in epoch_lines[0]
+
+
+def test_quiet_console_drops_lightnings_noise_and_keeps_what_matters(monkeypatch):
+    """What each entry point's main() sets up before anything is built (tests/test_cli.py checks the result)."""
+    import logging
+    import warnings
+
+    from src.console import quiet_console
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    for logger in (rank_zero, summary):
+        monkeypatch.setattr(logger, "filters", list(logger.filters))  # quiet_console's filters go with the test
+        monkeypatch.setattr(logger, "handlers", [Keep()])
+    with warnings.catch_warnings():
+        quiet_console()
+        rank_zero.info("GPU available: False, used: False")
+        rank_zero.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        rank_zero.info("`Trainer.fit` stopped: `max_epochs=1` reached.")
+        rank_zero.warning("The number of training batches (3) is smaller than the logging interval")
+        summary.info(
+            "  | Name | Type  | Params\n0 | net  | CNN2  | 6.9 K\n6.9 K     Total params\n0         Total Flops"
+        )
+    assert seen == [
+        "`Trainer.fit` stopped: `max_epochs=1` reached.",
+        "The number of training batches (3) is smaller than the logging interval",
+        "  | Name | Type  | Params\n0 | net  | CNN2  | 6.9 K\n6.9 K     Total params",  # the zero FLOPs total dropped
+    ]
 
 
 def test_missing_data_is_a_data_error_before_training(compose_cfg, tmp_path):
@@ -187,14 +256,16 @@ def test_unknown_optimized_metric_is_a_config_error_listing_the_choices(compose_
     from src.config import ConfigError
 
     write_idx(tmp_path / "data", n_train=40)
-    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, "optimized_metric=val/nope"])
+    overrides = [*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, *NO_FIGURES, "trainer.max_epochs=0"]
+    cfg = compose_cfg([*overrides, "optimized_metric=val/nope"])  # known only once the run has reported
     with pytest.raises(ConfigError, match=r"val/nope.*test/acc"):
         train(cfg)
 
 
 def test_zero_epochs_tests_the_initial_weights(compose_cfg, tmp_path):
     write_idx(tmp_path / "data", n_train=40)
-    cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, "trainer.max_epochs=0"])
+    overrides = [*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, *NO_FIGURES, "trainer.max_epochs=0"]
+    cfg = compose_cfg(overrides)
     result = train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert result == pytest.approx(metrics[cfg.optimized_metric])

@@ -10,17 +10,20 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, REPO_ROOT, cli_env, offline_dataset, run_cli, write_idx, write_image
+from conftest import FAST, NO_FIGURES, REPO_ROOT, cli_env, offline_dataset, run_cli, write_idx, write_image
 
 from src.callbacks import TrainingDiverged
-from src.checkpoints import CheckpointError, checkpoint_hparams, load_checkpoint, read_checkpoint
+from src.checkpoints import CheckpointError, SafeCheckpointIO, checkpoint_hparams, load_checkpoint, read_checkpoint
 from src.config import ConfigError
+from src.errors import RunInterrupted, report_errors
 from src.reports import chance_level, format_table, strict_json
+from src.runs import RunRecord
 from src.train import train
 
 
@@ -47,13 +50,6 @@ def data(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.fixture
-def trained(compose_cfg, data, tmp_path) -> Path:
-    """A finished one-epoch run; returns its last.ckpt."""
-    train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=mlp", *FAST], tmp_path / "trained"))
-    return tmp_path / "trained" / "checkpoints" / "last.ckpt"
-
-
 def command(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True,
@@ -73,6 +69,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> s
 
 
 # --- safe loading ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hostile_checkpoint_is_refused_by_predict_evaluate_and_train_and_runs_nothing(data, tmp_path):
     marker = tmp_path / "pwned"
     hostile = tmp_path / "shared.ckpt"
@@ -90,19 +87,65 @@ def test_hostile_checkpoint_is_refused_by_predict_evaluate_and_train_and_runs_no
     assert not marker.exists(), "unpickling ran the checkpoint's code"
 
 
-def test_config_target_outside_the_allowed_packages_is_refused(trained, tmp_path):
+def test_hostile_checkpoint_is_refused_in_process_and_runs_nothing(data, tmp_path):
+    """What predict, evaluate, export and train read a checkpoint with (the commands: the slow test above)."""
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "shared.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": CreatesFileWhenUnpickled(marker)}, hostile)
+    for read in (read_checkpoint, checkpoint_hparams, load_checkpoint):
+        with pytest.raises(CheckpointError, match=r"refused: loading it would run code \(it names "):
+            read(hostile)
+    assert not marker.exists(), "unpickling ran the checkpoint's code"
+
+
+def doctored_checkpoint(trained: Path, tmp_path: Path) -> Path:
+    """The trained run's checkpoint with a config callback whose _target_ is os.system."""
     content = torch.load(trained, weights_only=True)
     content["hyper_parameters"]["config"]["callbacks"]["evil"] = {"_target_": "os.system", "command": "touch x"}
     doctored = tmp_path / "doctored.ckpt"
     torch.save(content, doctored)
-    with pytest.raises(CheckpointError, match="callbacks.evil._target_='os.system'"):
-        checkpoint_hparams(doctored)
-    result = command("src.evaluate", f"ckpt_path={doctored}", f"hydra.run.dir={tmp_path / 'e'}")
+    return doctored
+
+
+def test_config_target_outside_the_allowed_packages_is_refused(fashion_run, tmp_path):
+    trained = fashion_run.last
+    doctored = doctored_checkpoint(trained, tmp_path)
+    for read in (checkpoint_hparams, load_checkpoint):
+        with pytest.raises(CheckpointError, match="refused: its config sets callbacks.evil._target_='os.system'"):
+            read(doctored)
+    assert checkpoint_hparams(trained)["class_names"]  # the same checkpoint undoctored loads
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_config_target_outside_the_allowed_packages_with_one_line(fashion_run, tmp_path):
+    result = command(
+        "src.evaluate",
+        f"ckpt_path={doctored_checkpoint(fashion_run.last, tmp_path)}",
+        f"hydra.run.dir={tmp_path / 'e'}",
+    )
     assert_one_line_error(result, "os.system", "refused")
 
 
-def test_a_users_own_target_is_trusted_only_when_their_command_names_it(trained, tmp_path):
-    content = torch.load(trained, weights_only=True)
+@pytest.mark.parametrize(
+    "target",
+    [
+        "src.reports.os.system",  # passes a prefix check, resolves to os.system
+        "torch.optim.optimizer.torch.hub.load",
+        "src.predict.CsvStream",  # our own class, but one that writes any file it is given
+        "src.calibration.store_temperature",  # our own function that rewrites checkpoints
+    ],
+)
+def test_allowed_packages_are_not_a_loophole(fashion_run, tmp_path, target):
+    content = torch.load(fashion_run.last, weights_only=True)
+    content["hyper_parameters"]["config"]["model"]["hidden"] = {"_target_": target, "command": "id"}
+    doctored = tmp_path / "doctored.ckpt"
+    torch.save(content, doctored)
+    with pytest.raises(CheckpointError, match=f"model.hidden._target_='{target}'"):
+        load_checkpoint(doctored)
+
+
+def test_a_users_own_target_is_trusted_only_when_their_command_names_it(fashion_run, tmp_path):
+    content = torch.load(fashion_run.last, weights_only=True)
     content["hyper_parameters"]["config"]["callbacks"]["mine"] = {"_target_": "crash.SleepEachBatch"}
     theirs = tmp_path / "theirs.ckpt"
     torch.save(content, theirs)
@@ -117,25 +160,38 @@ def test_a_users_own_target_is_trusted_only_when_their_command_names_it(trained,
 def test_our_checkpoints_load_with_weights_only_for_every_optimizer_and_scheduler(
     compose_cfg, data, tmp_path, optimizer
 ):
-    train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=cnn2", *FAST, *optimizer]))
+    train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=cnn2", *FAST, *NO_FIGURES, *optimizer]))
     for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
         assert read_checkpoint(checkpoint)["optimizer_states"]
         assert load_checkpoint(checkpoint).hparams.class_names
 
 
-def test_checkpoints_are_written_atomically_in_their_own_folder(trained, monkeypatch, tmp_path):
+def test_checkpoints_are_written_atomically_in_their_own_folder(fashion_run, monkeypatch, tmp_path):
     """Temporary file beside the checkpoint whatever TMPDIR is; none left behind; readable by others."""
-    folder = trained.parent
+    folder = fashion_run.last.parent
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], "temporary file left"
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir())
     for name in ("metrics.json", "job_status.json"):
-        assert (folder.parent / name).stat().st_mode & 0o777 == 0o644, name
+        assert (fashion_run.run_dir / name).stat().st_mode & 0o777 == 0o644, name
+
+    elsewhere = tmp_path / "tmpdir"  # another TMPDIR: the writer must not stage there
+    elsewhere.mkdir()
+    monkeypatch.setenv("TMPDIR", str(elsewhere))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    created = []
+    real_mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: created.append(kw["dir"]) or real_mkstemp(**kw))
+    target = tmp_path / "copy" / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint(read_checkpoint(fashion_run.last), target)
+    assert created == [target.parent] and list(elsewhere.iterdir()) == []
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"] and target.stat().st_mode & 0o777 == 0o644
+    assert read_checkpoint(target)["global_step"] == read_checkpoint(fashion_run.last)["global_step"]
 
 
 # --- divergence and chance level -----------------------------------------------------------------------
 def test_nan_or_inf_loss_stops_the_run_naming_epoch_and_step(compose_cfg, data, tmp_path):
     cfg = compose_cfg(
-        [*offline_dataset("fashion_mnist", data), "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6", *FAST]
+        [*offline_dataset("fashion_mnist", data), "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6", *FAST, *NO_FIGURES]
     )
     with pytest.raises(TrainingDiverged, match=r"epoch 0, step \d+; try a lower optimizer.lr \(now 1e\+06\)"):
         train(cfg)
@@ -144,6 +200,7 @@ def test_nan_or_inf_loss_stops_the_run_naming_epoch_and_step(compose_cfg, data, 
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_diverged_cli_run_is_one_line_and_exit_1(data, tmp_path):
     args = [*offline_dataset("fashion_mnist", data), *FAST, "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6"]
     assert_one_line_error(run_cli(*args, f"hydra.run.dir={tmp_path / 'r'}"), "training diverged", "optimizer.lr")
@@ -152,7 +209,7 @@ def test_diverged_cli_run_is_one_line_and_exit_1(data, tmp_path):
 def test_run_at_chance_level_says_so_in_metrics_and_table(compose_cfg, tmp_path, capsys):
     """Every test image of one class: guessing it scores 100%, so no model beats chance here."""
     write_idx(tmp_path / "one", n_train=80, test_labels=[3] * 12)
-    train(compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "one"), "model=mlp", *FAST]))
+    train(compose_cfg([*offline_dataset("fashion_mnist", tmp_path / "one"), "model=mlp", *FAST, *NO_FIGURES]))
     metrics = strict_json_load(tmp_path / "run" / "metrics.json")
     assert metrics["test/chance_level"] == 1.0 and metrics["test/at_chance_level"] is True
     assert "is at chance level (1.0000)" in capsys.readouterr().out
@@ -168,8 +225,8 @@ def test_chance_level_is_the_most_common_test_class_and_json_is_strict():
 
 
 # --- resume ---------------------------------------------------------------------------------------------
-def test_resume_with_other_settings_is_refused_listing_them(compose_cfg, data, trained, tmp_path):
-    common = [*offline_dataset("fashion_mnist", data), "model=mlp", *FAST, f"ckpt_path={trained}"]
+def test_resume_with_other_settings_is_refused_listing_them(compose_cfg, fashion_run, tmp_path):
+    common = [*fashion_run.overrides, f"ckpt_path={fashion_run.last}"]
     with pytest.raises(ConfigError, match=r"other settings \(model.hidden, optimizer.lr\)"):
         train(compose_cfg([*common, "model.hidden=[8]", "optimizer.lr=0.1"], tmp_path / "r1"))
     assert not (tmp_path / "r1" / "metrics.json").exists()
@@ -177,6 +234,7 @@ def test_resume_with_other_settings_is_refused_listing_them(compose_cfg, data, t
     train(compose_cfg(longer, tmp_path / "r2"))  # training longer is what resuming is for
     # (in-process runs have no .hydra folder, so this one writes to r2 instead of the trained run's folder)
     assert strict_json_load(tmp_path / "r2" / "metrics.json")["epochs"] == 2
+    assert strict_json_load(fashion_run.run_dir / "metrics.json") == fashion_run.metrics  # the shared run is as it was
 
 
 # --- interruption ---------------------------------------------------------------------------------------
@@ -201,6 +259,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 90) -> None
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_leaves_a_checkpoint_a_status_and_the_command_that_finishes_the_run(data, tmp_path, signum):
     runs = tmp_path / "outputs"
@@ -247,6 +306,7 @@ def test_signal_leaves_a_checkpoint_a_status_and_the_command_that_finishes_the_r
     assert strict_json_load(run_dir / "metrics.json")["epochs"] == 4
 
 
+@pytest.mark.slow
 def test_signal_in_the_first_epoch_can_be_continued_from_the_start_checkpoint(data, tmp_path):
     run_dir = tmp_path / "run"
     args = [
@@ -264,7 +324,59 @@ def test_signal_in_the_first_epoch_can_be_continued_from_the_start_checkpoint(da
     assert "ckpt_path=" in status["resume_command"]  # the run is not under paths.runs_root: its checkpoint
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_run_record_stopped_by_a_signal_writes_the_status_and_the_command_that_continues_it(
+    compose_cfg, tmp_path, signum
+):
+    """In-process, what the subprocess tests above check end to end: RunRecord turns Ctrl-C (and SIGTERM, via
+    its handler) into RunInterrupted with exit code 128 + signal, and job_status.json says how to continue."""
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(["model=mlp", "trainer.max_epochs=3", f"paths.runs_root={tmp_path / 'elsewhere'}"], run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save({"epoch": 1, "global_step": 20}, last)  # what ModelCheckpoint's save_last holds after 2 epochs
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as info:
+        with RunRecord(cfg):
+            os.kill(os.getpid(), signum)  # SIGINT: Python's KeyboardInterrupt; SIGTERM: RunRecord's handler
+            time.sleep(5)  # the handler runs before this returns
+    assert info.value.exit_code == 128 + signum
+    status = strict_json_load(run_dir / "job_status.json")
+    name = signal.Signals(signum).name
+    assert status["status"] == "INTERRUPTED" and status["signal"] == name and status["epochs_completed"] == 2
+    resume = status["resume_command"]
+    assert resume.startswith("python -m src.train model=mlp trainer.max_epochs=3 ")
+    assert resume.endswith(f"ckpt_path={last}")  # not under paths.runs_root: resume=true would not find it
+    assert (
+        str(info.value)
+        == f"interrupted ({name}) in epoch 0; {last} holds the run after 2 epochs; continue with: {resume}"
+    )
+    assert signal.getsignal(signal.SIGTERM) == previous  # RunRecord puts back the handler it found
+
+
+def test_report_errors_gives_one_line_for_a_users_mistake_and_keeps_a_bugs_traceback(capsys):
+    """The error story of every entry point's main(), in-process."""
+
+    def raises(error: BaseException):
+        def command():
+            raise error
+
+        return command
+
+    assert report_errors(lambda: 7) == 7
+    with pytest.raises(SystemExit) as info:
+        report_errors(raises(ConfigError("trainer.max_epochs='abc' is not an int")))
+    assert info.value.code == 1 and capsys.readouterr().err == "error: trainer.max_epochs='abc' is not an int\n"
+    with pytest.raises(SystemExit) as info:
+        report_errors(raises(RunInterrupted("interrupted (SIGTERM) in epoch 2; continue with: x", 143)))
+    assert info.value.code == 143 and capsys.readouterr().err == "interrupted (SIGTERM) in epoch 2; continue with: x\n"
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        report_errors(raises(ZeroDivisionError("a bug")))
+    assert capsys.readouterr().err == ""  # Hydra prints the traceback of what is re-raised
+
+
 # --- bugs keep their traceback ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_unexpected_exception_keeps_its_traceback_on_stderr_and_in_the_log(data, tmp_path):
     run_dir = tmp_path / "crashed"
     crash = ["+callbacks.crash._target_=crash.RaiseDuringEpoch", "+callbacks.crash.epoch=0"]
@@ -281,7 +393,8 @@ def test_unexpected_exception_keeps_its_traceback_on_stderr_and_in_the_log(data,
 
 def test_a_run_directory_that_holds_a_run_is_continued_never_overwritten(compose_cfg, data, tmp_path):
     """What a requeued SLURM job does: the same command in the same directory carries on from last.ckpt."""
-    common = [*offline_dataset("fashion_mnist", data), "model=mlp", *[o for o in FAST if "max_epochs" not in o]]
+    common = [*offline_dataset("fashion_mnist", data), "model=mlp", *NO_FIGURES]
+    common += [o for o in FAST if "max_epochs" not in o]
     train(compose_cfg([*common, "trainer.max_epochs=1"], tmp_path / "job"))
     train(compose_cfg([*common, "trainer.max_epochs=2"], tmp_path / "job"))
     assert strict_json_load(tmp_path / "job" / "metrics.json")["epochs"] == 2
