@@ -11,7 +11,8 @@ directory's metrics.json (`hydra.run.dir=outputs/results/STAMP/JOB`). The evalua
 `python -m src.evaluate` on the best checkpoint of the `fashion_cnn_adam` run; the throughput table parses
 what `python -m benchmarks.throughput` prints. After each command the README is updated, so an interrupted
 `make results` keeps what it finished. A row whose command cannot run here (no data, no GPU, or the command
-failed) keeps its current text; the command prints why.
+failed) keeps its current text; the command prints why. The data-paths table is a comparison: selecting
+either of its rows runs both, and its rows are rewritten only when both were measured.
 
 Data: Fashion-MNIST comes from `--fashion-mnist` (default: Debian's copy), staged into a fresh folder per
 command so that each measurement includes decoding into a fresh cache (the folders are removed at the end).
@@ -53,8 +54,9 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 BUSY_LOAD = 0.25  # other processes keeping this many cores busy on average make a wall time an upper bound
 STAR_NOTE = (
     "\\* measured while other processes kept the cores busy (how much: in the measurement line), so this wall "
-    "time is an upper bound."
+    "time is an upper bound: on 2 cores, another PyTorch process slows a run down several-fold."
 )
+STAR_PREFIX = "\\* measured while other processes"  # an older wording of the note is replaced too
 PROVENANCE = re.compile(r"^Measured (?P<when>.+?) on (?P<machine>.+?): (?P<items>.+)\.$")
 ITEM = re.compile(r"`(?P<row>[^`]+)`(?: \((?P<detail>[^()]*)\))?")
 
@@ -170,6 +172,7 @@ class Table:
     name: str
     header: list[str]
     rows: list[Row]
+    together: bool = False  # a comparison: its rows are measured together or not at all
 
 
 TRAIN = ["python", "-m", "src.train"]
@@ -333,6 +336,7 @@ TABLES = [
                 lambda m, _: [percent(m.metrics["test/acc"]), seconds(m, "{:.1f} s")],
             ),
         ],
+        together=True,
     ),
     Table(
         "throughput",
@@ -366,7 +370,7 @@ def parse_region(content: str) -> tuple[dict[str, str], list[str], list[tuple[st
         if all(line.startswith("|") for line in lines):
             for line in lines[2:]:
                 rows[split_cells(line)[0]] = line
-        elif paragraph == STAR_NOTE:
+        elif paragraph.startswith(STAR_PREFIX):
             continue
         elif len(lines) == 1 and (match := PROVENANCE.match(paragraph)):
             items = [(i["row"], i["detail"] or "") for i in ITEM.finditer(match["items"])]
@@ -379,6 +383,8 @@ def parse_region(content: str) -> tuple[dict[str, str], list[str], list[tuple[st
 def render_region(content: str, table: Table, measured: dict[str, Measurement]) -> str:
     """The region of `table` with every row whose job was measured rebuilt; other rows and notes kept."""
     old_rows, notes, provenance = parse_region(content)
+    if table.together and not all(row.job in measured for row in table.rows):
+        measured = {}  # half a comparison measured now and half earlier would compare unlike things
     lines = [table_line(table.header), "|" + "---|" * len(table.header)]
     new_items = []
     for row in table.rows:
@@ -533,6 +539,7 @@ def selected(only: str | None) -> tuple[list[Table], set[str]]:
         choices = ", ".join([t.name for t in TABLES] + list(rows))
         raise SystemExit(f"error: --only {','.join(unknown)}: not a table or row; choose from {choices}")
     jobs = {row.job for t in TABLES for row in t.rows if t.name in names or row.name in names}
+    jobs |= {row.job for t in TABLES if t.together and any(r.job in jobs for r in t.rows) for row in t.rows}
     for name in list(jobs):
         if JOBS[name].after:
             jobs.add(JOBS[name].after)

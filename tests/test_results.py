@@ -181,8 +181,25 @@ def test_only_picks_tables_and_rows_and_the_runs_they_read():
     tables, jobs = results.selected("data-paths")
     assert jobs == {"fast_fashion_mnist", "fast_fashion_mnist_per_sample"}
     assert [t.name for t in tables] == ["recipes", "data-paths"]  # fast_fashion_mnist's recipe row too
+    tables, jobs = results.selected("fast_fashion_mnist")  # its data-paths row is half a comparison
+    assert jobs == {"fast_fashion_mnist", "fast_fashion_mnist_per_sample"}
     with pytest.raises(SystemExit, match="nope"):
         results.selected("nope")
+
+
+def test_a_comparison_table_is_rewritten_only_when_all_its_rows_were_measured():
+    table = next(t for t in results.TABLES if t.name == "data-paths")
+    content = results.region((REPO_ROOT / "README.md").read_text(), "data-paths")
+    m = Measurement(100.0, 0.0, {"test/acc": 0.9}, when="d", machine="M")
+    assert results.render_region(content, table, {"fast_fashion_mnist": m}) == content
+    both = results.render_region(content, table, {"fast_fashion_mnist": m, "fast_fashion_mnist_per_sample": m})
+    assert both.count("| 90.00% | 100.0 s |") == 2
+
+
+def test_an_older_wording_of_the_star_note_is_replaced():
+    old = results.region(README_TEXT, "demo").replace(results.STAR_NOTE, "\\* measured while other processes did X.")
+    assert "did X" not in results.render_region(old, DEMO, {})
+    assert results.STAR_NOTE in results.render_region(old, DEMO, {})
 
 
 def test_a_command_is_timed_and_its_metrics_read_back(tmp_path, monkeypatch):
