@@ -244,6 +244,7 @@ def test_whiten_stem_uses_the_normalized_training_batches_and_skips_resumed_fits
 
 
 # --- end to end ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["tta=mirror", "tta=mirror_translate", "ema_decay=0.9", "model.whiten=true"])
 def test_each_option_runs_end_to_end(compose_cfg, tmp_path, option):
     write_cifar_batches(tmp_path / "data", per_batch=12)
