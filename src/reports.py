@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 
 from src.classifier import ClassifierModule, TestStepOutput  # noqa: E402
+from src.data.atomic import write_atomically  # noqa: E402
 
 SUMMARY_KEYS = (
     "lr_find/suggestion",
@@ -44,17 +43,10 @@ HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a killed run never leaves a half-written file."""
+    """Write via a temporary file and rename (src/data/atomic.py), so a killed run never leaves a half-written
+    file, and files get the usual permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the rest of a team
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def strict_json(value: Any) -> Any:
