@@ -185,6 +185,29 @@ def train_job(name: str, overrides: list[str], data: list[str], needs: tuple[str
     return Job(name, [*TRAIN, *overrides, *data, *RUN], needs)
 
 
+# The ablation: fast_cifar10 on a shorter schedule (so the whole table costs about half an hour here), and
+# the same run with one of its training choices taken away (or EMA added), each alone.
+ABLATION_SCHEDULE = ["model.widths=[64,128,128]", "trainer.max_epochs=3"]
+ABLATIONS = [
+    ("recipe", "the recipe (all of the below)", []),
+    ("no-whitening", "stem trained from random filters (`model.whiten=false`)", ["model.whiten=false"]),
+    ("no-tta", "no test-time augmentation (`tta=none`)", ["tta=none"]),
+    ("mirror-tta", "mirror only (`tta=mirror`)", ["tta=mirror"]),
+    ("bn-scale", "BN scales trained (`model.bn_scale=true`)", ["model.bn_scale=true"]),
+    ("no-bias-lr", "BN biases at the common rate (`norm_lr_scale=1`)", ["norm_lr_scale=1"]),
+    ("no-label-smoothing", "no label smoothing (`label_smoothing=0`)", ["label_smoothing=0"]),
+    ("no-nesterov", "plain momentum (`optimizer.nesterov=false`)", ["optimizer.nesterov=false"]),
+    ("no-warmup", "no warm-up, linear decay only (`scheduler.warmup=0`)", ["scheduler.warmup=0"]),
+    ("ema", "plus an EMA of the weights (`ema_decay=0.9`)", ["ema_decay=0.9"]),
+]
+
+
+def ablation_cells(m: Measurement, measured: dict[str, Measurement]) -> list[str]:
+    acc, full = m.metrics["test/acc"], measured["ablation-recipe"].metrics["test/acc"]
+    change = "" if m is measured["ablation-recipe"] else f"{100 * (acc - full):+.2f}"
+    return [percent(acc), change, seconds(m)]
+
+
 JOBS = {
     job.name: job
     for job in [
@@ -214,6 +237,10 @@ JOBS = {
             ("mnist",),
         ),
         train_job("fast_cifar10_gpu", ["experiment=fast_cifar10_gpu"], CIFAR, ("cifar", "gpu")),
+        *(
+            train_job(f"ablation-{name}", ["experiment=fast_cifar10", *ABLATION_SCHEDULE, *change], CIFAR, ("cifar",))
+            for name, _, change in ABLATIONS
+        ),
         Job(
             "throughput",
             ["python", "-m", "benchmarks.throughput", "--data-dir", "{data_dir}"],
@@ -336,6 +363,12 @@ TABLES = [
                 lambda m, _: [percent(m.metrics["test/acc"]), seconds(m, "{:.1f} s")],
             ),
         ],
+        together=True,
+    ),
+    Table(
+        "ablation",
+        ["`experiment=fast_cifar10 " + " ".join(ABLATION_SCHEDULE) + "`", "test accuracy", "vs recipe", "wall time"],
+        [Row(f"ablation-{name}", label, f"ablation-{name}", ablation_cells) for name, label, _ in ABLATIONS],
         together=True,
     ),
     Table(

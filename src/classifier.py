@@ -68,6 +68,8 @@ class ClassifierModule(L.LightningModule):
         channels_last: bool = True,
         config: dict | None = None,
         tta: str | None = None,
+        norm_lr_scale: float = 1.0,
+        compile: bool = False,
     ) -> None:
         """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
         `lr_scheduler` holds Lightning's scheduler settings (`interval`: "epoch" or "step", `frequency`) and
@@ -76,12 +78,17 @@ class ClassifierModule(L.LightningModule):
         NHWC, which oneDNN and cuDNN convolve faster (3x for cnn2 on a 2-core CPU). `config` is the composed
         run config, kept in the checkpoint so evaluate/predict can rebuild the run. `tta` is the test-time
         augmentation of the val and test steps (src/speed.py: none, mirror, mirror_translate); by default the
-        run config's top-level `tta` (none if it has none)."""
+        run config's top-level `tta` (none if it has none). `norm_lr_scale`: the normalization layers'
+        parameters train with the learning rate times it and the weight decay divided by it (the same decay
+        per step); airbench gives BN biases 64x. `compile`: `torch.compile` the network's forward in place
+        (parameter names, so checkpoints, stay those of the plain network)."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.channels_last = channels_last
         self.tta = check_tta((config or {}).get("tta", "none") if tta is None else tta)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        if compile:
+            self.net.compile()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
@@ -182,17 +189,36 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer is None:
             raise UserError("ClassifierModule needs an optimizer to train (config group optimizer=...)")
-        optimizer = self.optimizer(params=self.parameters())
+        scale = self.hparams.get("norm_lr_scale", 1.0)
+        optimizer = self.optimizer(params=self.parameter_groups() if scale != 1.0 else self.parameters())
+        if scale != 1.0:
+            for group in optimizer.param_groups[1:]:  # the normalization layers' parameters
+                group["lr"] *= scale
+                group["weight_decay"] = group.get("weight_decay", 0.0) / scale
         if self.scheduler is None:
             return optimizer
         settings = dict(self.hparams.lr_scheduler or {})
         steps_key = settings.pop("total_steps_key", None)
         steps = {steps_key: self.trainer.estimated_stepping_batches} if steps_key else {}
+        lrs = [group["lr"] for group in optimizer.param_groups]
         try:
             scheduler = self.scheduler(optimizer=optimizer, **steps)
         except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
+        now = [group["lr"] for group in optimizer.param_groups]
+        if len(lrs) > 1 and abs(now[1] / now[0] - lrs[1] / lrs[0]) > 1e-6 * lrs[1] / lrs[0]:
+            raise UserError(
+                f"norm_lr_scale={scale} needs a scheduler that multiplies every group's learning rate "
+                "(warmup_decay, cosine, step); this one sets one learning rate for all (onecycle: use max_lr)"
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """[everything else, the normalization layers' parameters] (empty groups left out)."""
+        norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+        norm = {id(p) for m in self.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
+        groups = [[p for p in self.parameters() if id(p) not in norm], [p for p in self.parameters() if id(p) in norm]]
+        return [{"params": params} for params in groups if params]
 
 
 def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> list[tuple[float, float, int]]:

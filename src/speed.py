@@ -4,9 +4,10 @@
   average the logits of several views of each image (`tta_logits`); training is untouched;
 - an exponential moving average of the weights (`ema_decay=0.99`, callback `EMA`): Lightning's
   `WeightAveraging` with torch's `get_ema_multi_avg_fn`; validation, test and checkpoints see the average;
-- first-layer whitening (`model.whiten=true`, BNConvNet; callback `WhitenStem`): the stem conv's filters
-  are set once, at the start of a fresh fit, from the eigen-decomposition of the second moment of the 3x3
-  patches of the first training images as the datamodule delivers them (normalized).
+- first-layer whitening (`model.whiten=true`, BNConvNet and AirbenchNet; callback `WhitenStem`): the stem
+  conv's filters are set once, at the start of a fresh fit, from the eigen-decomposition of the second
+  moment of the stem-sized patches of the first training images as the datamodule delivers them (normalized);
+- airbench's learning-rate shape (`scheduler=warmup_decay`, `LinearWarmupDecay`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,35 @@ def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     down_right, up_left = padded[..., :h, :w], padded[..., 2:, 2:]
     return 0.5 * logits + 0.25 * mirror(down_right) + 0.25 * mirror(up_left)
+
+
+# --- learning-rate shape --------------------------------------------------------------------------------
+class LinearWarmupDecay(torch.optim.lr_scheduler.LambdaLR):
+    """airbench's schedule, stepped per optimizer step: every group's learning rate rises linearly from
+    `start_factor` x its own to 1 x over the first `warmup` fraction of `total_steps` (BN statistics and the
+    momentum buffer settle before the large steps), then falls linearly to `end_factor` x at the end (the
+    final low-rate steps are where a short run gains most). It multiplies each group's rate, so the groups'
+    ratios (`norm_lr_scale`) stay; momentum is not cycled."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup: float = 0.23,
+        start_factor: float = 0.2,
+        end_factor: float = 0.07,
+        last_epoch: int = -1,
+    ) -> None:
+        self.total_steps, self.warmup_steps = total_steps, int(total_steps * warmup)
+        self.start_factor, self.end_factor = start_factor, end_factor
+        super().__init__(optimizer, self.factor, last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            frac = step / self.warmup_steps
+            return self.start_factor + (1.0 - self.start_factor) * frac
+        frac = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 1.0 + (self.end_factor - 1.0) * frac
 
 
 # --- exponential moving average of the weights -----------------------------------------------------------

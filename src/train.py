@@ -56,6 +56,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> Classifi
         label_smoothing=cfg.label_smoothing,
         channels_last=cfg.channels_last,
         config=run_config,
+        norm_lr_scale=cfg.norm_lr_scale,
+        compile=cfg.compile,
     )
 
 

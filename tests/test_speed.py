@@ -10,15 +10,16 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, offline_dataset, write_cifar_batches
+from conftest import FAST, NO_FIGURES, offline_dataset, write_cifar_batches, write_idx
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from src.classifier import ClassifierModule
 from src.errors import UserError
+from src.models.airbench import AirbenchNet
 from src.models.bn_convnet import BNConvNet
-from src.speed import EMA, WhitenStem, patch_moment, tta_logits, whitening_filters
+from src.speed import EMA, LinearWarmupDecay, WhitenStem, patch_moment, tta_logits, whitening_filters
 from src.train import build_module, train
 
 TINY = ["model=bn_convnet", "model.widths=[8,16,16]", "model.stem=8", "dataset.batch_size=8"]
@@ -197,9 +198,9 @@ def smooth_images(n: int, channels: int = 3, size: int = 12, seed: int = 0) -> t
     return torch.nn.functional.avg_pool2d(x, 3, stride=1)
 
 
-def assert_whitened(filters: torch.Tensor, images: torch.Tensor, eps: float) -> None:
+def assert_whitened(filters: torch.Tensor, images: torch.Tensor, eps: float, kernel_size: int = 3) -> None:
     """Filter outputs over the patches: uncorrelated, second moment lambda/(lambda+eps) (~1), +-pairs."""
-    moment, count = patch_moment(images, 3)
+    moment, count = patch_moment(images, kernel_size)
     moment = moment / count
     k = len(filters) // 2
     flat = filters.reshape(len(filters), -1).double()
@@ -263,3 +264,116 @@ def test_each_option_runs_end_to_end(compose_cfg, tmp_path, option):
         )  # fmt: skip
         train(resumed)
         assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+
+
+# --- airbench's network, optimizer groups and schedule ---------------------------------------------------------
+def airbench(whiten: bool = True, bn_scale: bool = False) -> AirbenchNet:
+    torch.manual_seed(0)
+    return AirbenchNet(
+        (3, 12, 12), 4, widths=[8, 16], bn_momentum=0.4, bn_scale=bn_scale, logit_scale=1 / 9, whiten=whiten
+    )
+
+
+def test_airbench_net_freezes_whitened_stem_and_bn_scales_and_starts_convs_as_identity():
+    net = airbench()
+    assert net(torch.randn(2, 3, 12, 12)).shape == (2, 4)
+    assert net.stem_conv.weight.shape == (24, 3, 2, 2)  # a +-pair for each of the 12 directions of a 2x2x3 patch
+    assert not net.stem_conv.weight.requires_grad and net.stem_conv.bias.requires_grad
+    assert airbench(whiten=False).stem_conv.weight.requires_grad
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(m.weight.requires_grad for m in airbench(bn_scale=True).modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv = net.blocks[1].conv1  # 8 -> 16 channels: its first 8 filters pass their input channel through
+    x = torch.randn(1, 8, 5, 5)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, conv.weight[:8], padding=1), x)
+
+
+def test_airbench_net_whitening_sets_all_stem_filters(compose_cfg, tmp_path):
+    write_cifar_batches(tmp_path / "data", per_batch=12)
+    cfg = compose_cfg([*offline_dataset("cifar10", tmp_path / "data"), *FAST, "model=airbench", "model.widths=[8,8,8]"])
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    tiny_trainer(tmp_path, [WhitenStem(images=20, eps=5e-4)], max_epochs=0).fit(module, datamodule=datamodule)
+    loader = datamodule.train_dataloader()
+    images = torch.cat([datamodule.on_after_batch_transfer(b, 0)[0] for b in loader])[:20]
+    assert_whitened(module.net.stem_conv.weight.detach(), images, 5e-4, kernel_size=2)
+
+
+def optimizer_of(module: ClassifierModule, steps: int = 100):
+    module.trainer = SimpleNamespace(estimated_stepping_batches=steps)  # what configure_optimizers reads
+    return module.configure_optimizers()
+
+
+def grouped_module(scale: float, scheduler=None) -> ClassifierModule:
+    sgd = functools.partial(torch.optim.SGD, lr=0.5, momentum=0.85, nesterov=True, weight_decay=1e-3)
+    settings = {"interval": "step", "total_steps_key": "total_steps"} if scheduler else None
+    return ClassifierModule(
+        airbench(), list("abcd"), (3, 12, 12), optimizer=sgd, scheduler=scheduler, lr_scheduler=settings,
+        norm_lr_scale=scale,
+    )  # fmt: skip
+
+
+def test_norm_lr_scale_gives_norm_parameters_scaled_lr_and_divided_weight_decay():
+    module = grouped_module(64.0)
+    others, norms = optimizer_of(module).param_groups
+    norm_ids = {id(p) for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in norms["params"]} == norm_ids and not norm_ids & {id(p) for p in others["params"]}
+    assert len(others["params"]) + len(norms["params"]) == len(list(module.parameters()))
+    assert (others["lr"], norms["lr"]) == (0.5, 32.0)
+    assert (others["weight_decay"], norms["weight_decay"]) == (1e-3, pytest.approx(1e-3 / 64))
+    assert len(optimizer_of(grouped_module(1.0)).param_groups) == 1  # the default: one group, as before
+
+
+def test_warmup_decay_rises_from_a_fifth_to_the_peak_then_falls_to_7_percent_keeping_group_ratios():
+    scheduler = functools.partial(LinearWarmupDecay, warmup=0.25, start_factor=0.2, end_factor=0.07)
+    configured = optimizer_of(grouped_module(64.0, scheduler), steps=100)
+    optimizer, lr_scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(100):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        lr_scheduler.step()
+    seen.append([group["lr"] for group in optimizer.param_groups])
+    others = [lrs[0] for lrs in seen]
+    assert others[0] == pytest.approx(0.1) and others[25] == pytest.approx(0.5) and others[100] == pytest.approx(0.035)
+    assert others[10] == pytest.approx(0.5 * (0.2 + 0.8 * 10 / 25))
+    assert others[60] == pytest.approx(0.5 * (1 - 0.93 * 35 / 75))
+    assert all(lrs[1] == pytest.approx(64 * lrs[0]) for lrs in seen)
+
+
+def test_norm_lr_scale_with_a_scheduler_that_sets_one_rate_for_all_is_a_user_error():
+    onecycle = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5)
+    with pytest.raises(UserError, match="norm_lr_scale=64.0 needs a scheduler that multiplies"):
+        optimizer_of(grouped_module(64.0, onecycle))
+
+
+@pytest.mark.slow
+def test_compile_keeps_parameter_names_and_outputs():
+    plain = grouped_module(1.0).eval()
+    compiled = grouped_module(1.0)
+    compiled.net.compile()
+    compiled.eval()
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    x = torch.randn(3, 3, 12, 12)
+    torch.testing.assert_close(compiled(x), plain(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["fast_cifar10", "fast_fashion_mnist", "fast_mnist"])
+def test_recipes_run_end_to_end_on_tiny_data(compose_cfg, tmp_path, recipe):
+    data = tmp_path / "data"
+    if recipe == "fast_cifar10":
+        write_cifar_batches(data, per_batch=40)
+        dataset, shrink = "cifar10", ["model.widths=[8,16,16]"]
+    else:
+        dataset = "mnist" if recipe == "fast_mnist" else "fashion_mnist"
+        write_idx(data / ("MNIST" if dataset == "mnist" else "FashionMNIST") / "raw", n_train=200)
+        shrink = ["model.widths=[8,16,16]", "model.stem=8"]
+    run_dir = tmp_path / "run"
+    overrides = [f"experiment={recipe}", *offline_dataset(dataset, data), "trainer.max_epochs=2", *shrink]
+    cfg = compose_cfg([*overrides, "dataset.batch_size=32", "trainer.precision=32-true", *NO_FIGURES], run_dir)
+    train(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["test/acc"] <= 1.0
