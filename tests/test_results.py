@@ -128,6 +128,23 @@ def test_evaluate_row_says_whether_it_matches_training():
     assert other[1] == "87.00% (training gave 88.05%)"
 
 
+def test_ablation_rows_show_each_variants_change_against_the_recipe():
+    table = next(t for t in results.TABLES if t.name == "ablation")
+    assert table.together and table.rows[0].job == "ablation-recipe"
+    measured = {row.job: Measurement(100, None, {"test/acc": 0.80}) for row in table.rows}
+    measured["ablation-no-tta"] = Measurement(90.4, None, {"test/acc": 0.7925})
+    cells = {row.job: row.cells(measured[row.job], measured) for row in table.rows}
+    assert cells["ablation-recipe"] == ["80.00%", "", "100 s"]  # the base of the comparison
+    assert cells["ablation-no-tta"] == ["79.25%", "-0.75", "90 s"]
+    base = results.JOBS["ablation-recipe"].args
+    assert {"scheduler.warmup=0.23", "ema_decay=null"} <= set(base)  # spelled out: later recipe changes keep it
+    for name, _, change in results.ABLATIONS[1:]:  # each variant is the base command with one setting changed
+        args = results.JOBS[f"ablation-{name}"].args
+        assert set(args) - set(base) == {f"{key}={value}" for key, value in change.items()}
+        added = set(change) - set(results.ABLATION_BASE)
+        assert len(args) == len(base) + len(added) == len({arg.split("=")[0] for arg in args})  # no key twice
+
+
 def test_every_readme_table_has_its_markers_and_renders_unchanged():
     text = (REPO_ROOT / "README.md").read_text()
     for table in results.TABLES:
