@@ -149,7 +149,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     num_classes = len(hparams["class_names"])
     net = instantiate(hparams["config"]["model"], input_shape=hparams["input_shape"], num_classes=num_classes)
     try:
-        module = ClassifierModule.load_from_checkpoint(path, net=net, map_location=map_location, weights_only=True)
+        module = ClassifierModule.load_from_checkpoint(  # compile: a training switch, not for evaluate/export
+            path, net=net, map_location=map_location, weights_only=True, compile=False
+        )
     except RuntimeError as e:  # weights that do not fit the architecture its own config names
         raise CheckpointError(f"{path} does not match its own model config ({one_line(e)})") from e
     return module.eval()

@@ -12,6 +12,7 @@ What it hands to the rest of the project (its whole interface besides Lightning'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -200,16 +201,16 @@ class ClassifierModule(L.LightningModule):
         settings = dict(self.hparams.lr_scheduler or {})
         steps_key = settings.pop("total_steps_key", None)
         steps = {steps_key: self.trainer.estimated_stepping_batches} if steps_key else {}
-        lrs = [group["lr"] for group in optimizer.param_groups]
+        before = [group["lr"] for group in optimizer.param_groups]
         try:
             scheduler = self.scheduler(optimizer=optimizer, **steps)
         except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
         now = [group["lr"] for group in optimizer.param_groups]
-        if len(lrs) > 1 and abs(now[1] / now[0] - lrs[1] / lrs[0]) > 1e-6 * lrs[1] / lrs[0]:
+        if len(now) > 1 and not math.isclose(now[1] * before[0], now[0] * before[1], rel_tol=1e-6):
             raise UserError(
                 f"norm_lr_scale={scale} needs a scheduler that multiplies every group's learning rate "
-                "(warmup_decay, cosine, step); this one sets one learning rate for all (onecycle: use max_lr)"
+                "(warmup_decay, cosine, step); this one sets the same rate for all (onecycle's max_lr)"
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
 

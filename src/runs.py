@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "callbacks.progress_bar",
+    "compile",
 )
 
 

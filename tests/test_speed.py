@@ -345,7 +345,7 @@ def test_warmup_decay_rises_from_a_fifth_to_the_peak_then_falls_to_7_percent_kee
 
 def test_norm_lr_scale_with_a_scheduler_that_sets_one_rate_for_all_is_a_user_error():
     onecycle = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5)
-    with pytest.raises(UserError, match="norm_lr_scale=64.0 needs a scheduler that multiplies"):
+    with pytest.raises(UserError, match="norm_lr_scale=64.0 needs a scheduler that multiplies every group's"):
         optimizer_of(grouped_module(64.0, onecycle))
 
 
