@@ -7,7 +7,9 @@ What it hands to the rest of the project (its whole interface besides Lightning'
   `on_test_batch_end` as `outputs` (the prediction figures in src/reports.py);
 - after `trainer.test(...)`, `module.test_result` is the `TestResult` of that test epoch (per-class accuracy
   and confusion matrix), which the entry points hand to `src.reports.report_run`; scalar metrics come back
-  from `trainer.validate/test` as Lightning returns them.
+  from `trainer.validate/test` as Lightning returns them;
+- after `trainer.fit(...)`, `module.sanity_check_acc` is the val accuracy of fit's sanity check (None if it
+  had none).
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ class ClassifierModule(L.LightningModule):
         # Temperature scaling (src/calibration.py): logits are divided by it; 1 until a run is calibrated.
         self.register_buffer("temperature", torch.ones(()))
         self.test_result: TestResult | None = None
+        self.sanity_check_acc: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -163,8 +166,13 @@ class ClassifierModule(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        """compute() syncs across DDP processes, so every image is counted exactly once."""
-        self.log("val/acc", self.eval_metrics["val"].compute()["acc"], prog_bar=True)
+        """compute() syncs across DDP processes, so every image is counted exactly once. The accuracy of
+        fit's sanity check (its first `num_sanity_val_steps` val batches, before any step) is kept as
+        `sanity_check_acc`: for a fresh fit, the untrained accuracy."""
+        acc = self.eval_metrics["val"].compute()["acc"]
+        if self._trainer is not None and self.trainer.sanity_checking:
+            self.sanity_check_acc = float(acc)
+        self.log("val/acc", acc, prog_bar=True)
         self.eval_metrics["val"].reset()
 
     def on_test_epoch_end(self) -> None:

@@ -271,18 +271,34 @@ class PredictionFigures(L.Callback):
 
 
 class TrainBatchFigure(L.Callback):
-    """The first training batch as the model sees it (after augmentation), titled with its labels."""
+    """The first training batch as the model sees it (after augmentation), titled with its labels. The images
+    are kept at the first step and drawn when the first epoch ends, so drawing (about a second of
+    matplotlib) does not delay the start of training."""
 
     def __init__(self, output_dir: str, num_images: int = 20) -> None:
         self.output_dir = Path(output_dir)
         self.num_images = num_images
+        self.first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @rank_zero_only
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step != 0 or batch_idx != 0:
+        if trainer.global_step == 0 and batch_idx == 0:
+            self.first_batch = (batch[0][: self.num_images].detach().clone(), batch[1][: self.num_images].clone())
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module)
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.draw(trainer, pl_module)  # a run stopped in its first epoch still shows what it trained on
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.first_batch is None:
             return
-        x, y = batch[0][: self.num_images], batch[1][: self.num_images]
+        x, y = self.first_batch
+        self.first_batch = None
         titles = [pl_module.hparams.class_names[int(label)] for label in y]
         save_figure(image_grid(x, titles, **_norm(pl_module)), trainer, self.output_dir, "train_batch")

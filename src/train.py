@@ -77,10 +77,9 @@ def train(cfg: DictConfig) -> float:
             finder = build_trainer(cfg, only=("progress_bar",))
             extra["lr_find/suggestion"] = find_lr(finder, module, datamodule, cfg.paths.output_dir)
         trainer = record.trainer = build_trainer(cfg)
-        untrained = None
-        if cfg.ckpt_path is None:  # accuracy before training: about 1/num_classes, or something is wrong
-            untrained = trainer.validate(module, datamodule=datamodule, verbose=False, weights_only=True)[0]
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        # Accuracy before training, on the sanity check's val batches: about 1/num_classes, or something is wrong.
+        untrained_acc = module.sanity_check_acc if cfg.ckpt_path is None else None
         # Report the weights with the best val loss (the current ones if no checkpoint was written).
         best = "best" if getattr(trainer.checkpoint_callback, "best_model_path", "") else None
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
@@ -92,7 +91,6 @@ def train(cfg: DictConfig) -> float:
             checkpoint = trainer.checkpoint_callback
             store_temperature(checkpoint.best_model_path, float(module.temperature))
 
-        untrained_acc = untrained.get("val/acc") if untrained else None
         metrics = report_run(trainer, module, cfg.paths.output_dir, test, val, untrained_acc, task_overrides(), extra)
         if trainer.is_global_zero:
             print(format_table(metrics))
