@@ -272,8 +272,8 @@ class PredictionFigures(L.Callback):
 
 class TrainBatchFigure(L.Callback):
     """The first training batch as the model sees it (after augmentation), titled with its labels. The images
-    are kept at the first step and drawn when the first epoch ends, so drawing (about a second of
-    matplotlib) does not delay the start of training."""
+    are kept at the first step and drawn when training ends (or stops on an error), so drawing (about a
+    second of matplotlib) neither delays the start of training nor interrupts it."""
 
     def __init__(self, output_dir: str, num_images: int = 20) -> None:
         self.output_dir = Path(output_dir)
@@ -288,12 +288,12 @@ class TrainBatchFigure(L.Callback):
             self.first_batch = (batch[0][: self.num_images].detach().clone(), batch[1][: self.num_images].clone())
 
     @rank_zero_only
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.draw(trainer, pl_module)
 
     @rank_zero_only
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.draw(trainer, pl_module)  # a run stopped in its first epoch still shows what it trained on
+        self.draw(trainer, pl_module)  # a stopped run still shows what it trained on
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.first_batch is None:
