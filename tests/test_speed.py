@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from src.classifier import ClassifierModule
+from src.config import fast_precision
 from src.errors import UserError
 from src.models.airbench import AirbenchNet
 from src.models.bn_convnet import BNConvNet
@@ -377,3 +378,36 @@ def test_recipes_run_end_to_end_on_tiny_data(compose_cfg, tmp_path, recipe):
     train(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and 0.0 <= metrics["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cpu_bf16", "cuda", "expected"),
+    [
+        ("cpu", False, False, "32-true"),  # AVX2-only: emulated bf16 is an order of magnitude slower
+        ("cpu", True, False, "bf16-mixed"),
+        ("auto", True, False, "bf16-mixed"),
+        ("auto", False, True, "bf16-mixed"),  # a CUDA GPU with bf16 comes first under auto
+        ("gpu", False, True, "bf16-mixed"),
+        ("mps", True, False, "32-true"),
+    ],
+)
+def test_fast_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, accelerator, cpu_bf16, cuda, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    assert fast_precision(accelerator) == expected
+
+
+def test_a_gpu_without_bf16_gets_fp16_autocast(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert fast_precision("gpu") == "16-mixed"
+
+
+@pytest.mark.parametrize("recipe", ["fast_cifar10", "fast_fashion_mnist", "fast_mnist", "fast_cifar10_gpu"])
+def test_recipes_resolve_their_precision_for_the_machine(compose_cfg, monkeypatch, recipe):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    cfg = compose_cfg([f"experiment={recipe}", "dataset.data_dir=unused"])
+    expected = fast_precision("gpu") if recipe == "fast_cifar10_gpu" else "32-true"
+    assert cfg.trainer.precision == expected
+    assert compose_cfg([f"experiment={recipe}", "trainer.precision=16-mixed"]).trainer.precision == "16-mixed"
