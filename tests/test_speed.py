@@ -381,33 +381,41 @@ def test_recipes_run_end_to_end_on_tiny_data(compose_cfg, tmp_path, recipe):
 
 
 @pytest.mark.parametrize(
-    ("accelerator", "cpu_bf16", "cuda", "expected"),
+    ("accelerator", "cpu_bf16", "cuda", "cuda_bf16", "expected"),
     [
-        ("cpu", False, False, "32-true"),  # AVX2-only: emulated bf16 is an order of magnitude slower
-        ("cpu", True, False, "bf16-mixed"),
-        ("auto", True, False, "bf16-mixed"),
-        ("auto", False, True, "bf16-mixed"),  # a CUDA GPU with bf16 comes first under auto
-        ("gpu", False, True, "bf16-mixed"),
-        ("mps", True, False, "32-true"),
+        ("cpu", False, False, False, "32-true"),  # AVX2-only: emulated bf16 is an order of magnitude slower
+        ("cpu", True, False, False, "bf16-mixed"),
+        ("auto", True, False, False, "bf16-mixed"),
+        ("auto", False, True, True, "bf16-mixed"),  # a CUDA GPU with bf16 comes first under auto
+        ("gpu", False, True, True, "bf16-mixed"),
+        ("gpu", False, True, False, "16-mixed"),  # a GPU without bf16 gets fp16 autocast
+        ("mps", True, False, False, "32-true"),
     ],
 )
-def test_fast_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch, accelerator, cpu_bf16, cuda, expected):
+def test_fast_precision_is_bf16_only_where_the_hardware_has_it(
+    monkeypatch, accelerator, cpu_bf16, cuda, cuda_bf16, expected
+):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert fast_precision(accelerator) == expected
 
 
-def test_a_gpu_without_bf16_gets_fp16_autocast(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert fast_precision("gpu") == "16-mixed"
+def test_auto_on_apple_mps_is_full_precision(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert fast_precision("auto") == fast_precision("gpu") == "32-true"
 
 
 @pytest.mark.parametrize("recipe", ["fast_cifar10", "fast_fashion_mnist", "fast_mnist", "fast_cifar10_gpu"])
 def test_recipes_resolve_their_precision_for_the_machine(compose_cfg, monkeypatch, recipe):
+    """A CPU without bf16 beside a CUDA GPU with it: the CPU recipes run in fp32, the GPU recipe in bf16."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    cfg = compose_cfg([f"experiment={recipe}", "dataset.data_dir=unused"])
-    expected = fast_precision("gpu") if recipe == "fast_cifar10_gpu" else "32-true"
-    assert cfg.trainer.precision == expected
-    assert compose_cfg([f"experiment={recipe}", "trainer.precision=16-mixed"]).trainer.precision == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    overrides = [f"experiment={recipe}"] + ([] if recipe == "fast_cifar10_gpu" else ["trainer.accelerator=cpu"])
+    expected = "bf16-mixed" if recipe == "fast_cifar10_gpu" else "32-true"
+    assert compose_cfg(overrides).trainer.precision == expected
+    assert compose_cfg([*overrides, "trainer.precision=16-mixed"]).trainer.precision == "16-mixed"
