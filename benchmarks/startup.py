@@ -19,7 +19,7 @@ import time
 
 RUN_UNTIL_FIRST_STEP = """
 import os, runpy, sys
-import src.classifier as c
+import src.models.classifier as c
 def first_step(self, batch, batch_idx):
     os._exit(0)
 c.ClassifierModule.training_step = first_step

@@ -20,9 +20,9 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks import throughput
-from src.classifier import ClassifierModule
+from src.models.classifier import ClassifierModule
 from src.data.mnist import FashionMNISTDataModule
-from src.train import keep_freed_memory
+from src.utils.command import keep_freed_memory
 
 BATCH = 64
 LINEAR = ["model=mlp", "model.hidden=[]"]  # flatten + one 784 -> 10 linear layer, as `tiny` below

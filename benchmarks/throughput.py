@@ -39,8 +39,9 @@ from torchvision import transforms as T
 
 from src.data.cifar10 import _CIFAR10
 from src.data.mnist import FashionMNISTDataModule
-from src.runs import build_trainer
-from src.train import build_module, keep_freed_memory
+from src.runs.record import build_trainer
+from src.train import build_module
+from src.utils.command import keep_freed_memory
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -30,56 +30,31 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchvision import transforms as T
 
-from src.checkpoints import load_checkpoint
-from src.classifier import ClassifierModule
-from src.console import quiet_console
-from src.data import DataError
-from src.data.atomic import write_atomically
-from src.errors import UserError, report_errors
+from src.models.classifier import ClassifierModule
+from src.runs.checkpoints import open_run
+from src.runs.exported import FORMATS, METADATA, Exported, ExportError, first_line, open_exported, quiet_torch_jit
+from src.utils.command import entry_point
+from src.utils.config import positive_int
+from src.utils.io import write_atomically
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # the suffix is how src.predict tells the formats apart
-METADATA = ("class_names", "input_shape", "mean", "std")
 PARITY_TOLERANCE = 1e-4  # largest allowed difference of a class probability (fp32)
-
-
-class ExportError(UserError):
-    """A model that cannot be exported, an export that disagrees with PyTorch, or an exported file we cannot
-    read: one line, exit status 1."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch.onnx colours its messages
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def metadata(module: ClassifierModule) -> dict[str, Any]:
     """What travels in the exported file: class names, input shape, and the normalization inside it (one
-    value per channel; old checkpoints may hold a single value for all channels)."""
+    value per channel)."""
     hp = module.hparams
-    channels = int(hp.input_shape[0])
-    mean, std = ([float(v) for v in values] for values in (hp.mean, hp.std))
-    return {
-        "class_names": [str(c) for c in hp.class_names],
-        "input_shape": [int(v) for v in hp.input_shape],
-        "mean": mean * channels if len(mean) == 1 else mean,
-        "std": std * channels if len(std) == 1 else std,
-    }
+    return {"class_names": [str(c) for c in hp.class_names], "input_shape": [int(v) for v in hp.input_shape],
+            "mean": list(hp.mean), "std": list(hp.std)}  # fmt: skip
 
 
 class Normalize(nn.Module):
@@ -96,7 +71,7 @@ class Normalize(nn.Module):
 
 
 class Temperature(nn.Module):
-    """Divides the logits by a calibrated run's temperature (src/calibration.py), as ClassifierModule does."""
+    """Divides the logits by a calibrated run's temperature (src/runs/tuning.py), as ClassifierModule does."""
 
     def __init__(self, temperature: torch.Tensor) -> None:
         super().__init__()
@@ -117,14 +92,6 @@ def exportable(module: ClassifierModule) -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
-@contextmanager
-def _quiet_torch_jit() -> Iterator[None]:
-    """torch.jit.trace/save/load each warn that TorchScript is deprecated: said once in the docs instead."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
-        yield
-
-
 def to_onnx(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
     """The model as one ONNX file (weights inside), batch axis dynamic, metadata as model properties."""
     import onnx
@@ -143,7 +110,7 @@ def to_onnx(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
         )
     except torch.onnx.OnnxExporterError as e:
         cause = e.__cause__ or e
-        raise ExportError(f"{type(model[1]).__name__} cannot be exported to ONNX: {_first_line(cause)}") from e
+        raise ExportError(f"{type(model[1]).__name__} cannot be exported to ONNX: {first_line(cause)}") from e
     proto = program.model_proto
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not batch.dim_param:  # torch.export fixed the batch size (the model branches on it)
@@ -160,102 +127,17 @@ def to_torchscript(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
     example = torch.rand(2, *meta["input_shape"])
     buffer = io.BytesIO()
     try:
-        with _quiet_torch_jit(), torch.no_grad():
+        with quiet_torch_jit(), torch.no_grad():
             traced = torch.jit.trace(model, example)
             torch.jit.save(traced, buffer, _extra_files={f"{key}.json": json.dumps(meta[key]) for key in METADATA})
     except RuntimeError as e:  # what torch.jit raises for a module it cannot trace
-        raise ExportError(f"{type(model[1]).__name__} cannot be exported to TorchScript: {_first_line(e)}") from e
+        raise ExportError(f"{type(model[1]).__name__} cannot be exported to TorchScript: {first_line(e)}") from e
     return buffer.getvalue()
 
 
-@dataclass(frozen=True)
-class Exported:
-    """An exported model opened for inference, with the metadata its file carries."""
-
-    class_names: list[str]
-    input_shape: list[int]
-    mean: list[float]
-    std: list[float]
-    logits: Callable[[torch.Tensor], torch.Tensor]  # images (N, C, H, W) in [0, 1] -> float32 logits on the CPU
-
-
-def _read_metadata(values: Mapping[str, str | bytes], name: str) -> dict[str, Any]:
-    missing = [key for key in METADATA if key not in values]
-    if missing:
-        raise ExportError(f"{name} has no {missing[0]} metadata: only models exported by src.export can be used")
-    try:
-        meta = {key: json.loads(values[key]) for key in METADATA}
-        names, shape = [str(c) for c in meta["class_names"]], [int(v) for v in meta["input_shape"]]
-        mean, std = [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
-    except (ValueError, TypeError) as e:
-        raise ExportError(f"{name} has unreadable metadata ({e})") from e
-    if len(shape) != 3 or len(names) < 2:
-        raise ExportError(f"{name} has unusable metadata: input_shape {shape}, {len(names)} class names")
-    return {"class_names": names, "input_shape": shape, "mean": mean, "std": std}
-
-
-def open_exported(data: bytes, fmt: str, name: str, device: str | torch.device = "cpu") -> Exported:
-    """An exported model from its file's bytes: ONNX run by onnxruntime, TorchScript by torch.jit.load.
-    `name` (the file) goes into error messages."""
-    device = torch.device(device)
-    if fmt == "onnx":
-        import onnxruntime as ort
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
-
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ExportError(f"device={device} for an ONNX model needs onnxruntime-gpu; use device=cpu")
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            session = ort.InferenceSession(data, providers=providers)
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: anything here is the file's fault
-            raise ExportError(f"{name} is not a readable ONNX model ({_first_line(e)})") from e
-        meta = _read_metadata(session.get_modelmeta().custom_metadata_map, name)
-
-        def run_onnx(images: torch.Tensor) -> torch.Tensor:
-            array = images.detach().cpu().float().contiguous().numpy()
-            try:
-                return torch.from_numpy(session.run(["logits"], {"images": array})[0])
-            except InvalidArgument as e:  # an input it was not exported for
-                raise ExportError(f"{name} does not take images of shape {tuple(array.shape)}: {_first_line(e)}") from e
-
-        return Exported(**meta, logits=run_onnx)
-    files = {f"{key}.json": "" for key in METADATA}
-    try:
-        with _quiet_torch_jit():
-            script = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=files)
-    except RuntimeError as e:  # torch.jit's error for anything that is not a TorchScript archive
-        raise ExportError(f"{name} is not a readable TorchScript model ({_first_line(e)})") from e
-    meta = _read_metadata({key: files[f"{key}.json"] for key in METADATA if files[f"{key}.json"]}, name)
-
-    def run_script(images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return script(images.to(device)).float().cpu()
-
-    return Exported(**meta, logits=run_script)
-
-
-def format_of(path: Path) -> str | None:
-    """The export format a file name says, or None (a checkpoint)."""
-    return next((fmt for fmt, suffix in FORMATS.items() if path.suffix == suffix), None)
-
-
-def parity_batches(module: ClassifierModule, cfg: DictConfig, count: int) -> list[torch.Tensor]:
-    """The first `count` images of the run's test split as ToTensor gives them ([0, 1]), in the loader's
-    batches: its datamodule from the checkpoint's own run config with `cfg.dataset` overrides, as in
-    src.evaluate, with normalization turned off (the exported model normalizes)."""
-    run_cfg = OmegaConf.create(module.hparams.config)
-    overrides = {k: v for k, v in cfg.dataset.items() if v is not None}
-    run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, overrides, {"mean": [0.0], "std": [1.0]})
-    datamodule = instantiate(run_cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    if list(datamodule.class_names) != list(module.hparams.class_names):
-        raise DataError(
-            f"the data has classes {datamodule.class_names} but the checkpoint was trained on "
-            f"{list(module.hparams.class_names)}"
-        )
+def parity_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
+    """The first `count` images of the run's test split as ToTensor gives them ([0, 1]: the datamodule was
+    opened with normalization turned off, since the exported model normalizes), in the loader's batches."""
     batches, n = [], 0
     for batch in datamodule.test_dataloader():
         images = datamodule.on_after_batch_transfer(batch, 0)[0][: count - n].float()  # in-memory: uint8 / 255
@@ -264,14 +146,14 @@ def parity_batches(module: ClassifierModule, cfg: DictConfig, count: int) -> lis
         if n == count:
             break
     if not batches:
-        raise DataError(f"the test split of {datamodule.where(train=False)} has no images to check the export on")
+        raise ExportError(f"the test split of {datamodule.where(train=False)} has no images to check the export on")
     return batches
 
 
 def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch.Tensor]) -> tuple[int, int, float]:
     """(images, images whose class differs, largest probability difference) of the exported model against
     the checkpoint's PyTorch model on normalized images, as src.predict and src.evaluate run it."""
-    normalize = T.Normalize(exported.mean, exported.std)
+    normalize = Normalize(exported.mean, exported.std)
     total = differ = 0
     worst = 0.0
     for images in batches:
@@ -284,13 +166,6 @@ def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch
     return total, differ, worst
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = cfg[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ExportError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def export(cfg: DictConfig) -> Path:
     """Export `cfg.ckpt_path` to `cfg.format`, check parity on test images, write the file; return its path."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
@@ -298,7 +173,7 @@ def export(cfg: DictConfig) -> Path:
     fmt = str(cfg.format)
     if fmt not in FORMATS:
         raise ExportError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
-    count = _positive_int(cfg, "parity_images")
+    count = positive_int(cfg, "parity_images")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     out = Path(str(cfg.out)).expanduser() if cfg.out is not None else ckpt.with_suffix(FORMATS[fmt])
     if out.suffix != FORMATS[fmt]:  # src.predict reads the format from the suffix
@@ -307,8 +182,9 @@ def export(cfg: DictConfig) -> Path:
         raise ExportError(f"out={out} is a folder; give a file name, e.g. out={out / ('model' + FORMATS[fmt])}")
 
     started = time.monotonic()
-    module = load_checkpoint(ckpt)
-    batches = parity_batches(module, cfg, count)  # data problems show before the (slower) export
+    # The run's test split with normalization turned off; data problems show before the (slower) export.
+    module, datamodule = open_run(ckpt, {**OmegaConf.to_container(cfg.dataset), "mean": [0.0], "std": [1.0]})
+    batches = parity_batches(datamodule, count)
     meta = metadata(module)
     data = (to_onnx if fmt == "onnx" else to_torchscript)(exportable(module), meta)
     total, differ, worst = parity(module, open_exported(data, fmt, f"the exported {fmt} model"), batches)
@@ -323,7 +199,7 @@ def export(cfg: DictConfig) -> Path:
             f"probability difference {worst:.2e}); nothing written to {out}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, lambda f: f.write(data))
+    write_atomically(out, data)
     shape = ", ".join(map(str, meta["input_shape"]))
     print(
         f"exported {out} ({fmt}, {len(data) / 1e6:.1f} MB): images float32 (N, {shape}) in [0, 1] -> logits "
@@ -332,11 +208,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    quiet_console()
-    report_errors(lambda: export(cfg))
-
+main = entry_point("export")(export)
 
 if __name__ == "__main__":
     main()

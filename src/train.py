@@ -1,48 +1,28 @@
 """Entry point: compose the config, fit, test the best checkpoint, report.
 
 python -m src.train dataset=cifar10 model=cnn3 optimizer=sgd optimizer.lr=0.01
+python -m src.train -m model=mlp,cnn2,lenet optimizer.lr=1e-3,3e-3     # a sweep
 python -m src.train --help        # config groups and their choices
 """
 
 from __future__ import annotations
 
-import ctypes
-import logging
+from typing import Any
 
-import hydra
-import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.calibration import CollectLogits, calibrate, store_temperature
-from src.classifier import ClassifierModule
-from src.config import ConfigError, validate
-from src.console import quiet_console
-from src.errors import report_errors
-from src.lr_find import find_lr
-from src.reports import format_table, report_run
-from src.runs import RunRecord, build_trainer, resume_from, task_overrides
-
-log = logging.getLogger(__name__)
+from src.utils.command import entry_point
 
 
-def keep_freed_memory() -> None:
-    """Tell glibc to keep freed blocks in the heap: by default it unmaps large ones, so every CPU training
-    step page-faults its activations in afresh (measured up to 2x slower steps, varying run to run)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks under 32 MB come from the heap
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap
-    libc.mallopt(-2, 256 << 20)  # M_TOP_PAD: grow the heap in 256 MB steps
+def build_module(cfg: DictConfig, datamodule: Any) -> Any:
+    """The ClassifierModule for the config, shaped by the (set-up) data: input shape, classes, normalization."""
+    from hydra.utils import instantiate
 
+    from src.models.classifier import ClassifierModule
 
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> ClassifierModule:
-    """The model for the config, shaped by the (set-up) data: input shape, classes, normalization."""
     net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     mean, std = datamodule.normalization()
-    run_config = OmegaConf.to_container(cfg, resolve=False)  # re-resolved where it is used (evaluate)
+    run_config = OmegaConf.to_container(cfg, resolve=False)  # kept in the checkpoint; re-resolved where used
     run_config.pop("hydra", None)
     return ClassifierModule(
         net,
@@ -63,11 +43,21 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> Classifi
 
 def train(cfg: DictConfig) -> float:
     """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers). However
-    it ends, the run directory's job_status.json says how (src/runs.py)."""
+    it ends, the run directory's job_status.json says how (src/runs/record.py)."""
+    import lightning as L  # here, not at the top: --help and config errors answer without torch
+    from hydra.utils import instantiate
+
+    from src.runs.record import RunRecord, build_trainer, resume_from, task_overrides
+    from src.runs.reports import format_table, report_run
+    from src.runs.tuning import CollectLogits, calibrate, find_lr, store_temperature
+    from src.utils.config import ConfigError, validate
+
     with RunRecord(cfg) as record:
         validate(cfg)
+        if cfg.get("ema_decay") is not None and not (cfg.get("callbacks") or {}).get("ema"):
+            raise ConfigError(f"ema_decay={cfg.ema_decay} needs the ema callback (callbacks=default)")
         resume_from(cfg)
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.dataset)
         datamodule.prepare_data()
         datamodule.setup("fit")  # the model's shape and classes come from the data
@@ -88,9 +78,7 @@ def train(cfg: DictConfig) -> float:
             extra |= calibrate(build_trainer(cfg, only=("progress_bar",), extra=[CollectLogits()]), module, datamodule)
             extra["test/ece_uncalibrated"] = test["test/ece"]
             test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-            checkpoint = trainer.checkpoint_callback
-            store_temperature(checkpoint.best_model_path, float(module.temperature))
-
+            store_temperature(trainer.checkpoint_callback.best_model_path, float(module.temperature))
         metrics = report_run(trainer, module, cfg.paths.output_dir, test, val, untrained_acc, task_overrides(), extra)
         if trainer.is_global_zero:
             print(format_table(metrics))
@@ -103,12 +91,7 @@ def train(cfg: DictConfig) -> float:
     return metrics[cfg.optimized_metric]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    keep_freed_memory()
-    quiet_console()
-    return report_errors(lambda: train(cfg))
-
+main = entry_point("train")(train)
 
 if __name__ == "__main__":
     main()

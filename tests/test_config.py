@@ -7,7 +7,7 @@ import pytest
 from conftest import CONF_DIR
 from omegaconf import OmegaConf
 
-from src.config import ConfigError, validate
+from src.utils.config import ConfigError, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

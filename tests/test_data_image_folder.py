@@ -8,6 +8,7 @@ from conftest import model_batch, write_image, write_image_folder
 from PIL import Image
 
 from src.data import DataError
+from src.utils.errors import UserError
 from src.data.image_folder import ImageFolderDataModule
 
 
@@ -188,5 +189,5 @@ def test_image_pillow_refuses_is_a_data_error_naming_the_file(tmp_path, monkeypa
 def test_mean_std_must_fit_the_channels(tmp_path):
     write_image_folder(tmp_path, mode="RGB", train_per_class=4, test_per_class=None)
     dm = folder(tmp_path, mean=[0.5, 0.5], std=[0.5, 0.5])
-    with pytest.raises(DataError, match="channels"):
+    with pytest.raises(UserError, match="dataset.mean has 2 values but the images have 3 channels"):
         ready(dm, "fit")

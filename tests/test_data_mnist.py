@@ -26,7 +26,7 @@ from conftest import (
 from hydra.utils import instantiate
 from torchvision import datasets
 
-from src.config import validate
+from src.utils.config import validate
 from src.data import DataError
 from src.data.mnist import FashionMNISTDataModule, MNISTDataModule
 

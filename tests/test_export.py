@@ -29,10 +29,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.datasets import MNIST
 
-from src.checkpoints import load_checkpoint
+from src.runs.checkpoints import open_run
 from src.data import DataError
-from src.errors import UserError, one_line
-from src.export import METADATA, ExportError, export, exportable, open_exported
+from src.utils.errors import UserError, one_line
+from src.export import export, exportable
+from src.runs.exported import METADATA, ExportError, open_exported
 
 pytestmark = pytest.mark.slow  # the module's runs fixture trains five models; fast tier: tests/test_predict.py
 
@@ -103,14 +104,14 @@ def split_images(ckpt: Path) -> torch.Tensor:
     """The run's test images in [0, 1], through the datamodule of its own config (as export reads them)."""
     from src.export import parity_batches
 
-    return torch.cat(parity_batches(load_checkpoint(ckpt), export_cfg(f"ckpt_path={ckpt}"), 1000))
+    return torch.cat(parity_batches(open_run(ckpt)[0], export_cfg(f"ckpt_path={ckpt}"), 1000))
 
 
 def pytorch_probabilities(ckpt: Path, images: torch.Tensor) -> torch.Tensor:
     """The checkpoint's own model on the normalized images, as src.predict runs it."""
     from torchvision import transforms as T
 
-    module = load_checkpoint(ckpt)
+    module = open_run(ckpt)[0]
     with torch.no_grad():
         return module(T.Normalize(module.hparams.mean, module.hparams.std)(images)).softmax(-1)
 
@@ -131,7 +132,7 @@ def test_export_gives_pytorchs_classes_and_carries_class_names(
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
     exported = open_exported(out.read_bytes(), fmt, str(out))
     assert exported.class_names == class_names
-    assert exported.input_shape == list(load_checkpoint(ckpt).hparams.input_shape)
+    assert exported.input_shape == list(open_run(ckpt)[0].hparams.input_shape)
     expected = pytorch_probabilities(ckpt, images)
     for batch in (images, images[:1], images[:7]):  # any batch size, also one other than the export's example
         got = exported.logits(batch).softmax(-1)
@@ -153,7 +154,7 @@ def test_onnx_file_runs_with_onnxruntime_alone_and_holds_its_metadata(runs: dict
     meta = session.get_modelmeta().custom_metadata_map
     assert set(METADATA) <= set(meta)
     assert json.loads(meta["class_names"]) == class_names and json.loads(meta["input_shape"]) == [3, 32, 32]
-    module = load_checkpoint(ckpt)
+    module = open_run(ckpt)[0]
     assert json.loads(meta["mean"]) == pytest.approx(list(module.hparams.mean))
     assert json.loads(meta["std"]) == pytest.approx(list(module.hparams.std))
     images = split_images(ckpt)
@@ -200,7 +201,7 @@ def test_unexportable_or_disagreeing_model_is_one_line_and_writes_nothing(
     import src.export
 
     def doctored(path: Path) -> nn.Module:
-        module = load_checkpoint(path)
+        module = open_run(path)[0]
         module.net = BatchOfTwoIsSpecial(module.net)
         return module
 
@@ -217,7 +218,7 @@ def test_unexportable_or_disagreeing_model_is_one_line_and_writes_nothing(
 def test_exported_model_normalizes_inside(runs: dict) -> None:
     """The exported network sees what the checkpoint's network sees: (images - mean) / std."""
     ckpt, _ = runs["mlp"]
-    module = load_checkpoint(ckpt)
+    module = open_run(ckpt)[0]
     images = torch.rand(4, 1, 28, 28)
     mean, std = module.hparams.mean[0], module.hparams.std[0]
     with torch.no_grad():
@@ -293,7 +294,7 @@ def test_a_calibrated_checkpoints_temperature_is_inside_the_exported_model(
 ) -> None:
     import shutil
 
-    from src.calibration import store_temperature
+    from src.runs.tuning import store_temperature
 
     ckpt = tmp_path / "calibrated.ckpt"
     shutil.copy(runs["mlp"][0], ckpt)

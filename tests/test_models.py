@@ -8,7 +8,7 @@ from conftest import CONF_DIR
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.errors import UserError, is_user_error, one_line
+from src.utils.errors import UserError, is_user_error, one_line
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 48)]

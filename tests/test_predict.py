@@ -23,13 +23,13 @@ from conftest import CONF_DIR, FASHION_CLASSES, REPO_ROOT, cli_env, write_image
 from omegaconf import DictConfig
 from PIL import Image
 
-from src.errors import UserError, one_line
+from src.utils.errors import UserError, one_line
+from src.utils.config import per_channel
 from src.predict import (
-    PredictError,
+    UserError,
     collect_images,
     csv_columns,
     load_image,
-    per_channel,
     predict,
     to_tensor,
 )
@@ -150,15 +150,17 @@ def test_load_image_converts_to_the_model_input(tmp_path: Path, mode: str, shape
 def test_collect_images_folder_and_errors(tmp_path: Path) -> None:
     for name in ("b.jpg", "a.PNG", "c.webp", ".hidden.png", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".hidden").mkdir(parents=True)
     (tmp_path / "sub" / "d.png").write_bytes(b"x")
-    assert [p.name for p in collect_images(str(tmp_path))] == ["a.PNG", "b.jpg", "c.webp"]
+    (tmp_path / "sub" / ".hidden" / "e.png").write_bytes(b"x")
+    found = [str(p.relative_to(tmp_path)) for p in collect_images(str(tmp_path))]
+    assert found == ["a.PNG", "b.jpg", "c.webp", "sub/d.png"]  # to any depth, hidden files and folders skipped
     assert collect_images([str(tmp_path / "missing.png")]) == [tmp_path / "missing.png"]  # reported later, by name
-    with pytest.raises(PredictError, match="no images in folder"):
+    with pytest.raises(UserError, match="no images in folder"):
         collect_images(str(_empty(tmp_path)))
-    with pytest.raises(PredictError, match="images is empty"):
+    with pytest.raises(UserError, match="images is empty"):
         collect_images([])
-    with pytest.raises(PredictError, match="2 values for 3 channels"):
+    with pytest.raises(UserError, match="mean has 2 values but the images have 3 channels"):
         per_channel([0.1, 0.2], 3, "mean")
 
 
@@ -265,18 +267,18 @@ def test_predict_bad_options(checkpoint: Path, tmp_path: Path, case: str, expect
     with pytest.raises(UserError) as error:  # report_errors: one line and exit 1, no traceback
         predict(cfg, tmp_path / "out")
     assert re.search(re.escape(expected), one_line(error.value))
-    assert isinstance(error.value, PredictError) or case == "garbage"
+    assert isinstance(error.value, UserError) or case == "garbage"
     assert case == "garbage" or "\n" not in str(error.value)
 
 
 def test_predict_in_process_matches_the_model(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The printed top class is the model's own argmax on the normalized 28x28 tensor."""
-    from src.checkpoints import load_checkpoint
+    from src.runs.checkpoints import open_run
 
     image = write_image(tmp_path / "big.png", "RGB", (56, 56), 7)
     status = predict(compose_predict(f"ckpt_path={checkpoint}", f"images={image}", "top_k=20"), tmp_path / "out")
     assert status == 0
-    module = load_checkpoint(checkpoint)
+    module = open_run(checkpoint)[0]
     x = to_tensor(load_image(image, module.hparams.input_shape), module.hparams.mean, module.hparams.std)
     with torch.no_grad():
         probs = module(x.unsqueeze(0)).softmax(-1)[0]
@@ -323,7 +325,7 @@ def test_figures_false_writes_one_csv_row_per_image_and_no_figures(
 def test_batched_predictions_equal_per_image_ones(checkpoint: Path, tmp_path: Path) -> None:
     """A mixed folder (sizes, modes, formats, an unreadable file mid-batch) in batches of 3 gives each image
     the class and probabilities it gets alone through load_image + to_tensor + the model."""
-    from src.checkpoints import load_checkpoint
+    from src.runs.checkpoints import open_run
 
     folder = tmp_path / "mixed"
     for i in range(12):
@@ -335,7 +337,7 @@ def test_batched_predictions_equal_per_image_ones(checkpoint: Path, tmp_path: Pa
     cfg = compose_predict(f"ckpt_path={checkpoint}", f"images={folder}", "figures=false", "batch_size=3", "top_k=10")
     assert predict(cfg, out) == 1  # the unreadable one
 
-    module = load_checkpoint(checkpoint)
+    module = open_run(checkpoint)[0]
     hp = module.hparams
     rows = read_predictions(out)
     assert [row["path"] for row in rows] == [str(p) for p in sorted(folder.iterdir())]

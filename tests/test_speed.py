@@ -15,12 +15,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.classifier import ClassifierModule
-from src.config import fast_precision
-from src.errors import UserError
+from src.models.classifier import ClassifierModule
+from src.utils.resolvers import fast_precision
+from src.utils.errors import UserError
 from src.models.airbench import AirbenchNet
 from src.models.bn_convnet import BNConvNet
-from src.speed import EMA, LinearWarmupDecay, WhitenStem, patch_moment, tta_logits, whitening_filters
+from src.callbacks.speed import EMA, WhitenStem, patch_moment, whitening_filters
+from src.models.classifier import tta_logits, warmup_then_decay
 from src.train import build_module, train
 
 TINY = ["model=bn_convnet", "model.widths=[8,16,16]", "model.stem=8", "dataset.batch_size=8"]
@@ -328,7 +329,7 @@ def test_norm_lr_scale_gives_norm_parameters_scaled_lr_and_divided_weight_decay(
 
 
 def test_warmup_decay_rises_from_a_fifth_to_the_peak_then_falls_to_7_percent_keeping_group_ratios():
-    scheduler = functools.partial(LinearWarmupDecay, warmup=0.25, start_factor=0.2, end_factor=0.07)
+    scheduler = functools.partial(warmup_then_decay, warmup=0.25, start_factor=0.2, end_factor=0.07)
     configured = optimizer_of(grouped_module(64.0, scheduler), steps=100)
     optimizer, lr_scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     seen = []

@@ -66,7 +66,8 @@ def test_sweep_writes_a_table_and_marks_the_crashed_run_failed(data, tmp_path):
 
 
 def test_sweep_folder_names_hold_only_the_varying_overrides(monkeypatch):
-    from src.summarize import SWEEP_KEYS, sweep_subdir, varying_keys
+    from src.runs.sweeps import varying_keys
+    from src.utils.resolvers import SWEEP_KEYS, sweep_subdir
 
     given = ["model=mlp,cnn2", "optimizer.lr=range(1,3)", "model.hidden=[8,16]", "+x=glob(*)", "seed=1"]
     assert varying_keys(given, ["dataset.batch_size"]) == ["model", "optimizer.lr", "x", "dataset.batch_size"]
@@ -89,7 +90,8 @@ def write_run(sweep, name: str, overrides: list[str], metrics: dict | None, stat
 
 
 def test_summary_of_a_folder_of_runs_sorts_groups_and_lists_what_did_not_finish(tmp_path, capsys, monkeypatch):
-    from src.summarize import main, summarize
+    from src.runs.sweeps import summarize
+    from src.summarize import main
 
     sweep = tmp_path / "sweep"
 

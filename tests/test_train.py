@@ -214,7 +214,7 @@ def test_quiet_console_drops_lightnings_noise_and_keeps_what_matters(monkeypatch
     import logging
     import warnings
 
-    from src.console import quiet_console
+    from src.utils.command import quiet_console
 
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
@@ -253,7 +253,7 @@ def test_missing_data_is_a_data_error_before_training(compose_cfg, tmp_path):
 
 
 def test_unknown_optimized_metric_is_a_config_error_listing_the_choices(compose_cfg, tmp_path):
-    from src.config import ConfigError
+    from src.utils.config import ConfigError
 
     write_idx(tmp_path / "data", n_train=40)
     overrides = [*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, *NO_FIGURES, "trainer.max_epochs=0"]
@@ -275,7 +275,7 @@ def test_zero_epochs_tests_the_initial_weights(compose_cfg, tmp_path):
 
 def test_unreadable_image_in_a_loader_worker_is_one_line_naming_the_file(compose_cfg, tmp_path):
     from src.data import DataError
-    from src.errors import one_line
+    from src.utils.errors import one_line
 
     write_image_folder(tmp_path / "data", train_per_class=6, test_per_class=None, mode="L", size=(28, 28))
     bad = tmp_path / "data" / "train" / "dog" / "x.png"
@@ -290,7 +290,7 @@ def test_unreadable_image_in_a_loader_worker_is_one_line_naming_the_file(compose
 def test_error_inside_instantiate_is_reported_as_one_line(compose_cfg, tmp_path):
     from hydra.errors import InstantiationException
 
-    from src.errors import one_line
+    from src.utils.errors import one_line
 
     cfg = compose_cfg([*offline_dataset("mnist", tmp_path / "data"), *FAST, "dataset.val_fraction=1.5"])
     with pytest.raises(InstantiationException) as info:

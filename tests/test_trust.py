@@ -18,12 +18,20 @@ import pytest
 import torch
 from conftest import FAST, NO_FIGURES, REPO_ROOT, cli_env, offline_dataset, run_cli, write_idx, write_image
 
-from src.callbacks import TrainingDiverged
-from src.checkpoints import CheckpointError, SafeCheckpointIO, checkpoint_hparams, load_checkpoint, read_checkpoint
-from src.config import ConfigError
-from src.errors import RunInterrupted, report_errors
-from src.reports import chance_level, format_table, strict_json
-from src.runs import RunRecord
+from src.callbacks.training import TrainingDiverged
+from src.runs.checkpoints import (
+    CheckpointError,
+    SafeCheckpointIO,
+    allowed_kinds,
+    check_targets,
+    checkpoint_hparams,
+    open_run,
+    read_checkpoint,
+)
+from src.utils.config import ConfigError
+from src.utils.errors import RunInterrupted, report_errors
+from src.runs.reports import chance_level, format_table, strict_json
+from src.runs.record import RunRecord
 from src.train import train
 
 
@@ -92,35 +100,44 @@ def test_hostile_checkpoint_is_refused_in_process_and_runs_nothing(data, tmp_pat
     marker = tmp_path / "pwned"
     hostile = tmp_path / "shared.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": CreatesFileWhenUnpickled(marker)}, hostile)
-    for read in (read_checkpoint, checkpoint_hparams, load_checkpoint):
+    for read in (read_checkpoint, checkpoint_hparams, open_run):
         with pytest.raises(CheckpointError, match=r"refused: loading it would run code \(it names "):
             read(hostile)
     assert not marker.exists(), "unpickling ran the checkpoint's code"
 
 
-def doctored_checkpoint(trained: Path, tmp_path: Path) -> Path:
-    """The trained run's checkpoint with a config callback whose _target_ is os.system."""
+def doctored_checkpoint(trained: Path, tmp_path: Path, where: str = "callbacks", target: str = "os.system") -> Path:
+    """The trained run's checkpoint with `_target_` `target` added to its config: a callback ("callbacks"), or
+    the model itself ("model")."""
     content = torch.load(trained, weights_only=True)
-    content["hyper_parameters"]["config"]["callbacks"]["evil"] = {"_target_": "os.system", "command": "touch x"}
-    doctored = tmp_path / "doctored.ckpt"
+    config = content["hyper_parameters"]["config"]
+    if where == "model":
+        config["model"]["_target_"] = target
+    else:
+        config[where]["evil"] = {"_target_": target, "command": "touch x"}
+    doctored = tmp_path / f"doctored-{where}.ckpt"
     torch.save(content, doctored)
     return doctored
 
 
-def test_config_target_outside_the_allowed_packages_is_refused(fashion_run, tmp_path):
-    trained = fashion_run.last
-    doctored = doctored_checkpoint(trained, tmp_path)
-    for read in (checkpoint_hparams, load_checkpoint):
-        with pytest.raises(CheckpointError, match="refused: its config sets callbacks.evil._target_='os.system'"):
-            read(doctored)
-    assert checkpoint_hparams(trained)["class_names"]  # the same checkpoint undoctored loads
+def test_opening_a_run_builds_only_its_network_and_data_and_refuses_any_other_model_target(fashion_run, tmp_path):
+    """evaluate, predict and export open a run with open_run: a callback or logger of the user's own (even one
+    whose module is gone, or a hostile one) is never instantiated, so it never stops them; the model's target is
+    checked and refused when it is not a network class of ours or torch's."""
+    for where in ("callbacks", "logger"):
+        module, datamodule = open_run(doctored_checkpoint(fashion_run.last, tmp_path, where), {})
+        assert module.hparams.class_names and datamodule.class_names == module.hparams.class_names
+    for target, why in [("os.system", "outside the allowed packages"), ("src.utils.io.os.system", "importable"),
+                        ("src.runs.tuning.store_temperature", "not a network or datamodule class")]:  # fmt: skip
+        with pytest.raises(CheckpointError, match=rf"refused: its config sets model._target_='{target}'.*{why}"):
+            open_run(doctored_checkpoint(fashion_run.last, tmp_path, "model", target))
 
 
 @pytest.mark.slow
-def test_evaluate_refuses_a_config_target_outside_the_allowed_packages_with_one_line(fashion_run, tmp_path):
+def test_evaluate_refuses_a_model_target_outside_the_allowed_packages_with_one_line(fashion_run, tmp_path):
     result = command(
         "src.evaluate",
-        f"ckpt_path={doctored_checkpoint(fashion_run.last, tmp_path)}",
+        f"ckpt_path={doctored_checkpoint(fashion_run.last, tmp_path, 'model')}",
         f"hydra.run.dir={tmp_path / 'e'}",
     )
     assert_one_line_error(result, "os.system", "refused")
@@ -129,10 +146,10 @@ def test_evaluate_refuses_a_config_target_outside_the_allowed_packages_with_one_
 @pytest.mark.parametrize(
     "target",
     [
-        "src.reports.os.system",  # passes a prefix check, resolves to os.system
+        "src.utils.io.os.system",  # passes a prefix check, resolves to os.system
         "torch.optim.optimizer.torch.hub.load",
-        "src.predict.CsvStream",  # our own class, but one that writes any file it is given
-        "src.calibration.store_temperature",  # our own function that rewrites checkpoints
+        "src.predict.load_image",  # our own function, but not a network
+        "src.runs.tuning.store_temperature",  # our own function that rewrites checkpoints
     ],
 )
 def test_allowed_packages_are_not_a_loophole(fashion_run, tmp_path, target):
@@ -141,17 +158,20 @@ def test_allowed_packages_are_not_a_loophole(fashion_run, tmp_path, target):
     doctored = tmp_path / "doctored.ckpt"
     torch.save(content, doctored)
     with pytest.raises(CheckpointError, match=f"model.hidden._target_='{target}'"):
-        load_checkpoint(doctored)
+        open_run(doctored)
 
 
-def test_a_users_own_target_is_trusted_only_when_their_command_names_it(fashion_run, tmp_path):
-    content = torch.load(fashion_run.last, weights_only=True)
-    content["hyper_parameters"]["config"]["callbacks"]["mine"] = {"_target_": "crash.SleepEachBatch"}
-    theirs = tmp_path / "theirs.ckpt"
-    torch.save(content, theirs)
-    with pytest.raises(CheckpointError, match="crash.SleepEachBatch"):
-        checkpoint_hparams(theirs)
-    assert checkpoint_hparams(theirs, trusted={"crash.SleepEachBatch"})["class_names"]
+def test_a_resumed_runs_stored_targets_are_checked_and_trusted_packages_allow_the_users_own(fashion_run, tmp_path):
+    """Resume builds the run's callbacks again: their targets must be ours or the library's, named by the
+    resuming command itself, or under trusted_packages; the refusal says how to trust them."""
+    saved = checkpoint_hparams(doctored_checkpoint(fashion_run.last, tmp_path, "callbacks", "crash.SleepEachBatch"))
+    kinds = allowed_kinds()
+    with pytest.raises(CheckpointError, match=r"crash.SleepEachBatch.*trusted_packages=\[crash\]"):
+        check_targets(saved["config"], "theirs.ckpt", kinds=kinds)
+    check_targets(saved["config"], "theirs.ckpt", kinds=kinds, trusted=["crash.SleepEachBatch"])  # their command
+    check_targets(saved["config"], "theirs.ckpt", kinds=kinds, trusted=["crash"])  # trusted_packages=[crash]
+    with pytest.raises(CheckpointError, match="os.system"):
+        check_targets(checkpoint_hparams(doctored_checkpoint(fashion_run.last, tmp_path))["config"], "x", kinds=kinds)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +183,7 @@ def test_our_checkpoints_load_with_weights_only_for_every_optimizer_and_schedule
     train(compose_cfg([*offline_dataset("fashion_mnist", data), "model=cnn2", *FAST, *NO_FIGURES, *optimizer]))
     for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
         assert read_checkpoint(checkpoint)["optimizer_states"]
-        assert load_checkpoint(checkpoint).hparams.class_names
+        assert open_run(checkpoint)[0].hparams.class_names
 
 
 def test_checkpoints_are_written_atomically_in_their_own_folder(fashion_run, monkeypatch, tmp_path):
@@ -178,12 +198,12 @@ def test_checkpoints_are_written_atomically_in_their_own_folder(fashion_run, mon
     elsewhere.mkdir()
     monkeypatch.setenv("TMPDIR", str(elsewhere))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    created = []
-    real_mkstemp = tempfile.mkstemp
-    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: created.append(kw["dir"]) or real_mkstemp(**kw))
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(src).parent) or real_replace(src, dst))
     target = tmp_path / "copy" / "last.ckpt"
     SafeCheckpointIO().save_checkpoint(read_checkpoint(fashion_run.last), target)
-    assert created == [target.parent] and list(elsewhere.iterdir()) == []
+    assert renamed == [target.parent] and list(elsewhere.iterdir()) == []
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"] and target.stat().st_mode & 0o777 == 0o644
     assert read_checkpoint(target)["global_step"] == read_checkpoint(fashion_run.last)["global_step"]
 

@@ -23,10 +23,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
-from src.callbacks import ReseedEachEpoch  # noqa: F401 - checkpoints of earlier runs name it here
 from src.data.in_memory import InMemoryPath
 from src.data.per_sample import PerSamplePath
-from src.errors import UserError
+from src.utils.config import per_channel
+from src.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std; a single value applies to every channel."""
-        channels = self.input_shape[0]
-        mean = self.mean * channels if len(self.mean) == 1 else self.mean
-        std = self.std * channels if len(self.std) == 1 else self.std
-        if len(mean) != channels or len(std) != channels:
-            raise DataError(f"dataset.mean/std have {len(self.mean)} values but the images have {channels} channels")
-        return mean, std
+        return per_channel(self.mean, self.input_shape[0], "dataset.mean"), per_channel(
+            self.std, self.input_shape[0], "dataset.std"
+        )
 
     def where(self, train: bool) -> str:
         """The folder or file a split is read from, for error messages."""

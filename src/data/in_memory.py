@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_convert
 
-from src.data.atomic import write_atomically
-from src.data.batch_augment import BatchAugment
+from src.data.augment import BatchAugment
+from src.utils.io import write_atomically
 
 if TYPE_CHECKING:
     from src.data.common import ImageClassificationDataModule
@@ -79,7 +79,7 @@ def fingerprint(files: Sequence[Path], *extra: object) -> str:
 def cached_tensors(cache_dir: Path, name: str, key: str, build: Callable[[], dict[str, object]]) -> dict[str, object]:
     """`build()` (a dict of tensors and metadata), saved as `cache_dir/name-key.pt` and read from there
     while `key` holds. Written atomically, so an interrupted write never looks like a cache; older
-    versions of `name`, and temporary files of interrupted writes, are removed (`atomic.py`). An unwritable
+    versions of `name`, and temporary files of interrupted writes, are removed (src/utils/io.py). An unwritable
     folder only costs the decode next time."""
     path = cache_dir / f"{name}-{key}.pt"
     if path.is_file():

@@ -16,15 +16,15 @@ import torch
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from src.data.atomic import write_atomically
 from src.data.common import DataError, ImageClassificationDataModule, LocalOrDownload, writable_dir
+from src.utils.io import write_atomically
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _stage(source: Path, target: Path) -> None:
     """Copy (gunzipping if needed) atomically: an interrupted copy never looks like a complete file, and
-    its temporary file is removed by the next staging (`atomic.py`)."""
+    its temporary file is removed by the next staging (src/utils/io.py)."""
 
     def copy(out: BinaryIO) -> None:
         with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src:

@@ -3,7 +3,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from src.errors import UserError
+from src.utils.errors import UserError
 
 
 class _Conv(nn.Conv2d):

@@ -3,7 +3,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from src.errors import UserError
+from src.utils.errors import UserError
 
 
 def _conv_bn(in_channels: int, out_channels: int, pool: bool) -> list[nn.Module]:

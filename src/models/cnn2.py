@@ -3,8 +3,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from src.errors import UserError
 from src.models.mlp import MLP
+from src.utils.errors import UserError
 
 
 class CNN2(nn.Module):

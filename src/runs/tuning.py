@@ -1,11 +1,15 @@
-"""Temperature scaling (Guo et al., 2017): one scalar T, fitted on the validation split, divides the logits so
-the predicted probabilities match how often the model is right. The predicted classes do not change.
+"""What train does before and after fitting, when asked:
 
-    python -m src.train calibrate=true        # test ECE before and after, T stored in the checkpoints
+    python -m src.train lr_find=true     # Lightning's learning-rate finder picks optimizer.lr (lr_find.png)
+    python -m src.train calibrate=true   # temperature scaling: test ECE before and after, T in the best checkpoint
+
+Temperature scaling (Guo et al., 2017): one scalar T, fitted on the validation split, divides the logits so
+the predicted probabilities match how often the model is right. The predicted classes do not change.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,27 @@ import lightning as L
 import torch
 from torch.nn.functional import cross_entropy
 
-from src.checkpoints import SafeCheckpointIO, read_checkpoint
-from src.classifier import ClassifierModule
-from src.errors import UserError
+from src.callbacks.figures import save_figure
+from src.models.classifier import ClassifierModule
+from src.runs.checkpoints import SafeCheckpointIO, read_checkpoint
+from src.utils.errors import UserError
+
+
+def find_lr(trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule, output_dir: str) -> float:
+    """Run Lightning's finder with `trainer` (one without the run's checkpointing callbacks: the finder fits for
+    a few steps and restores the weights afterwards), and bind its suggestion as the optimizer's lr (and as
+    the one-cycle schedule's max_lr, which follows optimizer.lr in conf/scheduler/onecycle.yaml)."""
+    from lightning.pytorch.tuner import Tuner
+
+    finder = Tuner(trainer).lr_find(module, datamodule=datamodule, update_attr=False)
+    suggestion = finder.suggestion() if finder is not None else None
+    if suggestion is None:
+        raise UserError("lr_find=true: the learning-rate finder found no suggestion (too few training steps?)")
+    save_figure(finder.plot(suggest=True), trainer, Path(output_dir), "lr_find")
+    module.optimizer = functools.partial(module.optimizer, lr=suggestion)
+    if module.scheduler is not None and "max_lr" in getattr(module.scheduler, "keywords", {}):
+        module.scheduler = functools.partial(module.scheduler, max_lr=suggestion)
+    return float(suggestion)
 
 
 class CollectLogits(L.Callback):

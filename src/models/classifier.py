@@ -1,13 +1,14 @@
-"""ClassifierModule: cross-entropy training of any architecture, with torchmetrics accuracy (val and test;
-per class and a confusion matrix for test). It knows nothing about datasets: class names
-and input shape arrive as arguments and are saved in the checkpoint, so a checkpoint is usable alone.
+"""ClassifierModule: cross-entropy training of any architecture (src/models), with torchmetrics metrics, the
+optimizer and schedule, test-time augmentation and temperature. It knows nothing about datasets: class
+names, input shape and normalization arrive as arguments and are saved in the checkpoint, so a checkpoint is
+usable alone (src/runs/checkpoints.py `open_run`).
 
 What it hands to the rest of the project (its whole interface besides Lightning's hooks):
-- `test_step` returns a `TestStepOutput` (the batch's logits), which Lightning passes to callbacks'
-  `on_test_batch_end` as `outputs` (the prediction figures in src/reports.py);
-- after `trainer.test(...)`, `module.test_result` is the `TestResult` of that test epoch (per-class accuracy
-  and confusion matrix), which the entry points hand to `src.reports.report_run`; scalar metrics come back
-  from `trainer.validate/test` as Lightning returns them;
+- `validation_step`/`test_step` return `{"logits": ...}` (detached), which Lightning passes to callbacks as
+  `outputs` (the prediction figures, calibration);
+- `predict_step(images)`: class probabilities with the run's test-time augmentation and temperature;
+- after `trainer.test(...)`, `module.test_result` is the `TestResult` of that test epoch, which the entry
+  points hand to `src.runs.reports.report_run`; scalar metrics come back from `trainer.validate/test`;
 - after `trainer.fit(...)`, `module.sanity_check_acc` is the val accuracy of fit's sanity check (None if it
   had none).
 """
@@ -17,10 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -33,15 +35,53 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-from src.errors import UserError
-from src.speed import check_tta, tta_logits
+from src.callbacks.speed import WhitenStem
+from src.utils.config import per_channel
+from src.utils.errors import UserError
 
-
-class TestStepOutput(TypedDict):
-    logits: torch.Tensor  # (batch, num_classes), detached
-
-
+TTA_CHOICES = ("none", "mirror", "mirror_translate")
 ECE_BINS = 15  # expected calibration error and the reliability diagram: 15 equal-width confidence bins
+
+
+def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The logits of `x` (N, C, H, W) averaged over the views of test-time augmentation `tta`, as airbench:
+
+    - "none": forward(x);
+    - "mirror": 1/2 x + 1/2 hflip(x);
+    - "mirror_translate": 1/2 of "mirror", plus 1/4 of "mirror" of x moved one pixel down and right, plus
+      1/4 of "mirror" of x moved one pixel up and left (each shift reflect-pads the opposite border).
+
+    Logits, not probabilities, are averaged; eval-mode BN makes each view's logits independent of the
+    others in the batch."""
+    if tta == "none":
+        return forward(x)
+
+    def mirror(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * forward(v) + 0.5 * forward(v.flip(-1))
+
+    logits = mirror(x)
+    if tta == "mirror":
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return 0.5 * logits + 0.25 * mirror(padded[..., :h, :w]) + 0.25 * mirror(padded[..., 2:, 2:])
+
+
+def warmup_then_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, start_factor: float, end_factor: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """airbench's schedule (conf/scheduler/warmup_decay.yaml), stepped per optimizer step: each group's rate
+    rises linearly from `start_factor` x to 1 x over the first `warmup` fraction of the steps (BN statistics
+    and momentum settle before the large steps), then falls linearly to `end_factor` x at the end (the final
+    low-rate steps are where a short run gains most). It multiplies every group's rate: `norm_lr_scale` stays."""
+    from torch.optim.lr_scheduler import LinearLR, SequentialLR
+
+    warm = int(total_steps * warmup)
+    decay = LinearLR(optimizer, 1.0, end_factor, total_iters=max(1, total_steps - warm))
+    if not warm:
+        return decay
+    rise = LinearLR(optimizer, start_factor, 1.0, total_iters=warm)
+    return SequentialLR(optimizer, [rise, decay], milestones=[warm])
 
 
 @dataclass(frozen=True)
@@ -77,18 +117,22 @@ class ClassifierModule(L.LightningModule):
         """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
         `lr_scheduler` holds Lightning's scheduler settings (`interval`: "epoch" or "step", `frequency`) and
         `total_steps_key`: the scheduler argument that gets the run's number of optimizer steps (OneCycleLR's
-        `total_steps`); conf/scheduler/*.yaml set both. `channels_last` stores images and conv weights as
+        `total_steps`); conf/scheduler/*.yaml set both. `mean`/`std`: the normalization the data had (one value
+        per channel; one for all in older checkpoints). `channels_last` stores images and conv weights as
         NHWC, which oneDNN and cuDNN convolve faster (3x for cnn2 on a 2-core CPU). `config` is the composed
         run config, kept in the checkpoint so evaluate/predict can rebuild the run. `tta` is the test-time
-        augmentation of the val and test steps (src/speed.py: none, mirror, mirror_translate); by default the
-        run config's top-level `tta` (none if it has none). `norm_lr_scale`: the normalization layers'
+        augmentation of the val, test and predict steps (`tta_logits`); by default the run config's top-level
+        `tta` (none if it has none). `norm_lr_scale`: the normalization layers'
         parameters train with the learning rate times it and the weight decay divided by it (the same decay
         per step); airbench gives BN biases 64x. `compile`: `torch.compile` the network's forward in place
         (parameter names, so checkpoints, stay those of the plain network)."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.hparams.mean, self.hparams.std = (per_channel(v, int(input_shape[0])) for v in (mean, std))
         self.channels_last = channels_last
-        self.tta = check_tta((config or {}).get("tta", "none") if tta is None else tta)
+        self.tta = (config or {}).get("tta", "none") if tta is None else tta
+        if self.tta not in TTA_CHOICES:
+            raise UserError(f"tta={self.tta!r} is not a test-time augmentation; choose one of {', '.join(TTA_CHOICES)}")
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         if compile:
             self.net.compile()
@@ -119,7 +163,7 @@ class ClassifierModule(L.LightningModule):
                 "test": MetricCollection(test),
             }
         )
-        # Temperature scaling (src/calibration.py): logits are divided by it; 1 until a run is calibrated.
+        # Temperature scaling (src/runs/tuning.py): logits are divided by it; 1 until a run is calibrated.
         self.register_buffer("temperature", torch.ones(()))
         self.test_result: TestResult | None = None
         self.sanity_check_acc: float | None = None
@@ -132,6 +176,16 @@ class ClassifierModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].setdefault("temperature", torch.ones(()))  # written before calibration existed
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A network that asks for a whitened stem (`model.whiten=true`) gets it at the start of a fresh fit (from
+        the Trainer's own WhitenStem where it has one, e.g. with other settings)."""
+        given = any(isinstance(c, WhitenStem) for c in self.trainer.callbacks)
+        return [WhitenStem()] if getattr(self.net, "whiten", False) and not given else []
+
+    def predict_step(self, images: torch.Tensor, batch_idx: int = 0) -> torch.Tensor:
+        """Class probabilities of normalized images, with the run's test-time augmentation (src.predict)."""
+        return tta_logits(self, images, self.tta).float().softmax(dim=-1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Kept lean: metrics only accumulate on the device here (no host sync); `self.log` (about 0.2 ms a
@@ -152,17 +206,17 @@ class ClassifierModule(L.LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> TestStepOutput:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = tta_logits(self, x, self.tta)
         self.eval_metrics[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         return {"logits": logits.detach()}
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> TestStepOutput:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> TestStepOutput:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:

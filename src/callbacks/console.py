@@ -1,43 +1,14 @@
-"""A quiet, useful console: what a run prints is about the run. Lightning's advertisements, its "GPU/TPU
-available: False" lines on machines without one, and library deprecation chatter are dropped; errors and
-the warnings that matter stay. On a terminal a progress bar; where output goes to a file (a log, a SLURM
-job) one line per epoch instead of thousands of bar redraws."""
+"""What a run shows on the console: a progress bar on a terminal, one line per epoch where output goes to a
+file (a log, a SLURM job) instead of thousands of bar redraws, and the model summary at the start."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
-import warnings
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
-
-# Lightning INFO lines that say nothing about this run.
-NOISE = (
-    "💡 Tip:",
-    "GPU available: False",
-    "TPU available: False",
-    "HPU available: False",
-    "Trainer already configured with model summary callbacks",  # ours (ParameterSummary), on purpose
-)
-
-
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(NOISE)
-
-
-def quiet_console() -> None:
-    """Called once by each entry point before anything is built."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropNoise())
-    logging.getLogger("lightning.pytorch.callbacks.model_summary").addFilter(_DropFlopsTotal())
-    # Lightning's own use of a torch API that torch 2.14 deprecates: nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-    # In-process loading (num_workers=0) is the measured fastest on small CPU machines.
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
 class ParameterSummary(ModelSummary):
@@ -47,13 +18,6 @@ class ParameterSummary(ModelSummary):
     @staticmethod
     def summarize(summary_data: list[tuple[str, list[str]]], *args: Any, **kwargs: Any) -> None:
         ModelSummary.summarize([column for column in summary_data if column[0] != "FLOPs"], *args, **kwargs)
-
-
-class _DropFlopsTotal(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.rstrip().endswith("Total Flops"):
-            record.msg = record.msg.rstrip().rsplit("\n", 1)[0]
-        return True
 
 
 def model_summary(enabled: bool = True, max_depth: int = 1) -> ModelSummary | None:

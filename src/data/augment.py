@@ -2,7 +2,7 @@
 semantics of the per-sample torchvision path (`PerSamplePath.view` in `per_sample.py`):
 RandomCrop(size, padding) with zero fill, RandomHorizontalFlip(0.5), RandomRotation(degrees) with nearest
 interpolation and zero fill, in that order, then ToTensor and Normalize. Randomness comes from the torch
-RNG of the batch's device, which `src.callbacks.ReseedEachEpoch` seeds per epoch (so resumed runs repeat it).
+RNG of the batch's device, which `ReseedEachEpoch` (src/callbacks/training.py) seeds per epoch (resumed runs repeat it).
 """
 
 from __future__ import annotations

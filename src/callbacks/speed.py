@@ -1,19 +1,15 @@
-"""The training choices that make the CIFAR-10 speed runs (airbench) fast, as options for any run:
+"""Callbacks for the training choices of the CIFAR-10 speed runs (airbench), usable by any run:
 
-- test-time augmentation (`tta=none|mirror|mirror_translate`): ClassifierModule's val and test steps
-  average the logits of several views of each image (`tta_logits`); training is untouched;
-- an exponential moving average of the weights (`ema_decay=0.99`, callback `EMA`): Lightning's
-  `WeightAveraging` with torch's `get_ema_multi_avg_fn`; validation, test and checkpoints see the average;
-- first-layer whitening (`model.whiten=true`, BNConvNet and AirbenchNet; callback `WhitenStem`): the stem
-  conv's filters are set once, at the start of a fresh fit, from the eigen-decomposition of the second
-  moment of the stem-sized patches of the first training images as the datamodule delivers them (normalized);
-- airbench's learning-rate shape (`scheduler=warmup_decay`, `LinearWarmupDecay`).
+- `EMA` (`ema_decay=0.99`, conf/callbacks/default.yaml): Lightning's `WeightAveraging` with torch's
+  `get_ema_multi_avg_fn`; validation, test and checkpoints see the average;
+- `WhitenStem` (`model.whiten=true`, BNConvNet and AirbenchNet; ClassifierModule attaches it): the stem conv's
+  filters are set once, at the start of a fresh fit, from the eigen-decomposition of the second moment of the
+  stem-sized patches of the first training images as the datamodule delivers them (normalized).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -23,73 +19,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from src.errors import UserError
+from src.utils.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# --- test-time augmentation ---------------------------------------------------------------------------
-TTA_CHOICES = ("none", "mirror", "mirror_translate")
-
-
-def check_tta(tta: Any) -> str:
-    if tta not in TTA_CHOICES:
-        raise UserError(f"tta={tta!r} is not a test-time augmentation; choose one of {', '.join(TTA_CHOICES)}")
-    return tta
-
-
-def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
-    """The logits of `x` (N, C, H, W) averaged over the views of `tta`, exactly as airbench's inference:
-
-    - "none": forward(x);
-    - "mirror": 1/2 x + 1/2 hflip(x);
-    - "mirror_translate": 1/2 of "mirror", plus 1/4 of "mirror" of x moved one pixel down and right, plus
-      1/4 of "mirror" of x moved one pixel up and left (each shift reflect-pads the opposite border); that is
-      6 views: x and hflip(x) at weight 1/4 each, the four shifted (mirrored or not) at 1/8 each.
-
-    Logits, not probabilities, are averaged; eval-mode BN makes each view's logits independent of the
-    others in the batch."""
-    if tta == "none":
-        return forward(x)
-
-    def mirror(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 * forward(v) + 0.5 * forward(v.flip(-1))
-
-    logits = mirror(x)
-    if tta == "mirror":
-        return logits
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    down_right, up_left = padded[..., :h, :w], padded[..., 2:, 2:]
-    return 0.5 * logits + 0.25 * mirror(down_right) + 0.25 * mirror(up_left)
-
-
-# --- learning-rate shape --------------------------------------------------------------------------------
-class LinearWarmupDecay(torch.optim.lr_scheduler.LambdaLR):
-    """airbench's schedule, stepped per optimizer step: every group's learning rate rises linearly from
-    `start_factor` x its own to 1 x over the first `warmup` fraction of `total_steps` (BN statistics and the
-    momentum buffer settle before the large steps), then falls linearly to `end_factor` x at the end (the
-    final low-rate steps are where a short run gains most). It multiplies each group's rate, so the groups'
-    ratios (`norm_lr_scale`) stay; momentum is not cycled."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_steps: int,
-        warmup: float = 0.23,
-        start_factor: float = 0.2,
-        end_factor: float = 0.07,
-        last_epoch: int = -1,
-    ) -> None:
-        self.total_steps, self.warmup_steps = total_steps, int(total_steps * warmup)
-        self.start_factor, self.end_factor = start_factor, end_factor
-        super().__init__(optimizer, self.factor, last_epoch)
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            frac = step / self.warmup_steps
-            return self.start_factor + (1.0 - self.start_factor) * frac
-        frac = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return 1.0 + (self.end_factor - 1.0) * frac
 
 
 # --- exponential moving average of the weights -----------------------------------------------------------

@@ -3,14 +3,18 @@
 A user's mistake (a config value, a data folder, a path, a checkpoint we refuse) is a `UserError` and
 ends the command with one line on stderr and exit status 1. Anything else is a bug: its full traceback
 stays on stderr (Hydra prints it) and is also written to the run's log file. Inside a sweep every
-error is re-raised, so Hydra marks just that job failed and goes on with the next.
+error is re-raised, so Hydra marks just that job failed and goes on with the next. Ctrl-C and SIGTERM
+end as a `RunInterrupted` whose message says what was kept and how to go on.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from hydra.core.hydra_config import HydraConfig
@@ -27,7 +31,7 @@ class UserError(Exception):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run; the message says how to continue it. A KeyboardInterrupt, so a
+    """Ctrl-C or SIGTERM stopped the command; the message says how to continue. A KeyboardInterrupt, so a
     sweep stops too instead of going on with its next job."""
 
     def __init__(self, message: str, exit_code: int) -> None:
@@ -35,10 +39,36 @@ class RunInterrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop), raised where Ctrl-C would be, so both end the same way."""
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The shell's convention: 128 + the signal's number."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises `Terminated` (outside the main thread, where handlers cannot be set: nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def is_user_error(error: BaseException) -> bool:
     """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build (a missing `???` value, a
     `_target_` Hydra cannot import, one whose constructor raises a UserError). Bare ValueErrors and
-    TypeErrors are not: torch raises them for bugs (src/config.py checks argument names and types first)."""
+    TypeErrors are not: torch raises them for bugs (src/utils/config.py checks names and types first)."""
     if isinstance(error, (UserError, MissingMandatoryValue)):
         return True
     if isinstance(error, InstantiationException):  # Hydra could not build what the config names

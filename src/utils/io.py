@@ -1,10 +1,11 @@
-"""Atomic file writes, shared by the uint8 cache (`in_memory.py`) and IDX staging (`mnist.py`).
+"""Atomic file writes: the one writer of every file a run leaves (checkpoints, metrics.json, job status, the
+decoded-image cache, staged IDX files, exported models, sweep tables).
 
-A file is written under a temporary name in its folder and renamed over the target, so an interrupted
-write never looks complete. The temporary name carries the writer's host and pid: the next writer removes
-the temporary files whose process is gone (or that are a day old, e.g. left by another host of a shared
-file system) and leaves a parallel writer's alone (a sweep job, a DDP rank, still writing its own copy).
-Files get the usual permissions (0666 less the umask), not the 0600 of `tempfile.mkstemp`.
+A file is written under a temporary name in its own folder and renamed over the target, so an interrupted
+write never looks complete and never crosses file systems. The temporary name carries the writer's host and
+pid: the next writer removes the temporary files whose process is gone (or that are a day old, e.g. left by
+another host of a shared file system) and leaves a parallel writer's alone (a sweep job, a DDP rank, still
+writing its own copy). Files get the usual permissions (0666 less the umask).
 """
 
 from __future__ import annotations
@@ -46,15 +47,24 @@ def remove_stale_temps(folder: Path, stem: str) -> None:
             continue
 
 
-def write_atomically(target: Path, write: Callable[[BinaryIO], None], stem: str | None = None) -> None:
-    """`write(file)` into a temporary file renamed to `target`; `stem` (default: the target's name) groups
-    the temporary files whose stale leftovers are removed first."""
+def write_atomically(
+    target: Path, content: bytes | str | Callable[[BinaryIO], object], stem: str | None = None
+) -> None:
+    """Write `content` (bytes, text, or a function writing to the open file) to `target` through a temporary
+    file; `stem` (default: the target's name) groups the temporary files whose stale leftovers go first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     stem = stem or target.name
     remove_stale_temps(target.parent, stem)
     tmp = target.parent / f".{stem}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         with open(tmp, "xb") as f:
-            write(f)
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power loss leaves the old file or the new one
         os.replace(tmp, target)
     except BaseException:  # also Ctrl-C: leave nothing behind that we can remove now
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Training callbacks that keep a run honest and resumable (the report callbacks are in src/reports.py)."""
+"""Training callbacks that keep a run honest and resumable (conf/callbacks/default.yaml)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from src.errors import UserError
+from src.utils.errors import UserError
 
 
 class TrainingDiverged(UserError):
@@ -17,11 +17,10 @@ class TrainingDiverged(UserError):
 
 
 class StopOnNonFiniteLoss(L.Callback):
-    """Stops the run at the step whose training loss is NaN or infinite, naming the epoch and step.
-
-    On the CPU the check costs nothing and runs every step. On an accelerator reading the loss back would
-    stall the device every step, so the first bad step is recorded on the device and read back only every
-    `check_every` steps (and at the epoch's end); the message still names the step where it happened."""
+    """Stops the run when the training loss became NaN or infinite, naming the epoch and the step where it
+    first did. Reading the loss back every step would stall an accelerator (and costs a little on a CPU too),
+    so the first bad step is recorded on the loss's device and read back every `check_every` steps and at
+    the epoch's end; every process stops together (one alone would hang the others in the next all-reduce)."""
 
     def __init__(self, lr: float | None = None, check_every: int = 50) -> None:
         self.lr, self.check_every = lr, max(1, check_every)
@@ -34,15 +33,9 @@ class StopOnNonFiniteLoss(L.Callback):
         if loss is None:
             return
         step = trainer.global_step - 1  # the optimizer step this batch made
-        if loss.device.type == "cpu":
-            # Every process stops together (one alone would leave the others waiting in the next all-reduce).
-            if trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
-                self._stop(trainer, float(loss), step)
-            return
-        bad = ~torch.isfinite(loss.detach())
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        self.first_bad = torch.where(~torch.isfinite(loss.detach()) & (self.first_bad < 0), step, self.first_bad)
         if (step + 1) % self.check_every == 0:
             self._check(trainer)
 
@@ -52,15 +45,12 @@ class StopOnNonFiniteLoss(L.Callback):
     def _check(self, trainer: L.Trainer) -> None:
         step = int(self.first_bad) if self.first_bad is not None else -1
         if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
-            self._stop(trainer, float("nan"), step)
-
-    def _stop(self, trainer: L.Trainer, value: float, step: int) -> None:
-        kind = "NaN" if value != value else ("infinite" if value in (float("inf"), float("-inf")) else "non-finite")
-        lower = f" (now {self.lr:g})" if self.lr is not None else ""
-        raise TrainingDiverged(
-            f"training diverged: the loss became {kind} in epoch {trainer.current_epoch}, step {step}; "
-            f"try a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) or a warm-up"
-        )
+            lower = f" (now {self.lr:g})" if self.lr is not None else ""
+            raise TrainingDiverged(
+                f"training diverged: the loss became NaN or infinite in epoch {trainer.current_epoch}, step "
+                f"{step}; try a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) "
+                "or a warm-up"
+            )
 
 
 class CheckpointAtStart(L.Callback):

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import signal
-import threading
 import time
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import lightning as L
@@ -26,15 +24,22 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from src.checkpoints import SafeCheckpointIO, checkpoint_hparams, config_targets, read_checkpoint
-from src.config import ConfigError
-from src.errors import RunInterrupted, one_line
-from src.reports import write_atomic
+from src.runs.checkpoints import (
+    SafeCheckpointIO,
+    allowed_kinds,
+    check_targets,
+    checkpoint_hparams,
+    config_targets,
+    read_checkpoint,
+)
+from src.utils.config import ConfigError
+from src.utils.errors import RunInterrupted, Terminated, exit_code, one_line, sigterm_as_interrupt
+from src.utils.io import write_atomically
 
 log = logging.getLogger(__name__)
 
-# Overrides that say where a run writes or whether it resumes, not what it computes.
-NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=")
+# Overrides that say where a run writes, whether it resumes or what it trusts, not what it computes.
+NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=", "trusted_packages=")
 # Settings a resumed run may change: training longer is what resuming is for; the rest only changes what
 # the console shows, never a result.
 RESUMABLE_CHANGES = (
@@ -49,11 +54,12 @@ RESUMABLE_CHANGES = (
 def build_trainer(
     cfg: DictConfig, only: tuple[str, ...] | None = None, extra: list[L.Callback] | tuple = ()
 ) -> L.Trainer:
-    """The Trainer with the config's callbacks (those named in `only`, if given) and `extra`, logger, and
+    """The Trainer with the config's callbacks (those named in `only`, if given) and `extra`, its loggers, and
     checkpoints that are written atomically and read with weights_only=True."""
-    chosen = [c for name, c in cfg.callbacks.items() if c and (only is None or name in only)]
+    chosen = [c for name, c in (cfg.get("callbacks") or {}).items() if c and (only is None or name in only)]
     callbacks = [c for c in map(instantiate, chosen) if c is not None] + list(extra)  # a factory may give none
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), plugins=[SafeCheckpointIO()])
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()])
 
 
 def task_overrides() -> list[str]:
@@ -97,7 +103,7 @@ def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
     resumable = RESUMABLE_CHANGES
     if now.get("scheduler._target_") or then.get("scheduler._target_"):  # its saved state fixes the run's length
         resumable = tuple(k for k in resumable if k != "trainer.max_epochs")
-    ignored = ("ckpt_path", "resume", "paths", "hydra", *resumable)
+    ignored = ("ckpt_path", "resume", "paths", "hydra", "trusted_packages", *resumable)
     keys = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     return [k for k in keys if not any(k == i or k.startswith(f"{i}.") for i in ignored)]
 
@@ -118,8 +124,10 @@ def resume_from(cfg: DictConfig) -> None:
     if cfg.ckpt_path is None:
         return
     checkpoint = Path(cfg.ckpt_path)
-    trusted = config_targets(OmegaConf.to_container(cfg, resolve=False))
-    differ = differing_settings(cfg, checkpoint_hparams(checkpoint, trusted)["config"])
+    saved = checkpoint_hparams(checkpoint)["config"]
+    trusted = [*config_targets(OmegaConf.to_container(cfg, resolve=False)), *cfg.get("trusted_packages", [])]
+    check_targets(saved, checkpoint, kinds=allowed_kinds(), trusted=trusted)  # the run's own objects are built again
+    differ = differing_settings(cfg, saved)
     if differ:
         what = f"{cfg.paths.output_dir} holds a run" if in_place else f"ckpt_path={checkpoint} was"
         instead = "choose another hydra.run.dir" if in_place else "start a new run without ckpt_path"
@@ -150,7 +158,7 @@ def resume_command(cfg: DictConfig) -> str:
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
-    write_atomic(run_dir / "job_status.json", json.dumps(status, indent=2) + "\n")
+    write_atomically(run_dir / "job_status.json", json.dumps(status, indent=2) + "\n")
 
 
 class RunRecord:
@@ -162,30 +170,22 @@ class RunRecord:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.trainer: L.Trainer | None = None
-        self.signal_name = "SIGINT"
-        self._previous: Any = None
+        self._sigterm = sigterm_as_interrupt()
 
     def __enter__(self) -> RunRecord:
         self.started = time.time()
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm.__enter__()
         return self
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_name = "SIGTERM"
-        raise KeyboardInterrupt
-
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        self._sigterm.__exit__(None, None, None)
         # Lightning turns Ctrl-C inside any trainer call (also lr_find's and calibration's) into sys.exit(1).
-        stopped = self.trainer is not None and self.trainer.interrupted
-        interrupted = isinstance(error, KeyboardInterrupt) or (
-            isinstance(error, SystemExit) and (isinstance(error.__context__, KeyboardInterrupt) or stopped)
-        )
+        interrupt = error.__context__ if isinstance(error, SystemExit) else error
+        if isinstance(error, SystemExit) and self.trainer is not None and self.trainer.interrupted:
+            interrupt = interrupt if isinstance(interrupt, KeyboardInterrupt) else KeyboardInterrupt()
         status: dict[str, Any] = {"status": "COMPLETED"}
-        if interrupted:
-            status, message = self._interrupted()
+        if isinstance(interrupt, KeyboardInterrupt):
+            status, message = self._interrupted("SIGTERM" if isinstance(interrupt, Terminated) else "SIGINT")
         elif error is not None:
             status = {"status": "FAILED", "error": one_line(error)}
         if rank_zero_only.rank == 0:
@@ -196,11 +196,10 @@ class RunRecord:
             invocation = Path(hydra_dir) if hydra_dir else run_dir
             if invocation.resolve() != run_dir.resolve():  # a resumed run: this folder says where it went on
                 write_status(invocation, {**status, "continued_run": str(run_dir)})
-        if interrupted:
-            code = 128 + (signal.SIGTERM if self.signal_name == "SIGTERM" else signal.SIGINT)
-            raise RunInterrupted(message, code) from None
+        if isinstance(interrupt, KeyboardInterrupt):
+            raise RunInterrupted(message, exit_code(interrupt)) from None
 
-    def _interrupted(self) -> tuple[dict[str, Any], str]:
+    def _interrupted(self, signal_name: str) -> tuple[dict[str, Any], str]:
         last = Path(self.cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         completed = None
@@ -210,17 +209,17 @@ class RunRecord:
         command = resume_command(self.cfg)
         status = {
             "status": "INTERRUPTED",
-            "signal": self.signal_name,
+            "signal": signal_name,
             "epoch": epoch,
             "epochs_completed": completed,
             "checkpoint": str(last) if completed is not None else None,
             "resume_command": command if completed is not None else None,
         }
         if completed is None:
-            message = f"interrupted ({self.signal_name}) before the first checkpoint; nothing to resume: run it again"
+            message = f"interrupted ({signal_name}) before the first checkpoint; nothing to resume: run it again"
         else:
             message = (
-                f"interrupted ({self.signal_name}) in epoch {epoch}; {last} holds the run after {completed} "
+                f"interrupted ({signal_name}) in epoch {epoch}; {last} holds the run after {completed} "
                 f"epoch{'' if completed == 1 else 's'}; continue with: {command}"
             )
         return status, message

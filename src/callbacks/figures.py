@@ -1,0 +1,152 @@
+"""Figures of a run, drawn with matplotlib's object API (no pyplot state; imported only when a figure is
+drawn): PNG files in the run directory and images in TensorBoard. Two callbacks draw the test predictions,
+the most confident mistakes and a training batch; `save_figure` and `image_grid` serve src/runs/reports.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def save_figure(fig: Figure, trainer: L.Trainer, output_dir: Path, name: str) -> None:
+    """PNG in the run directory and an image in TensorBoard (tag = name), from one rendering of the figure."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output_dir / f"{name}.png", bbox_inches="tight", dpi=100)
+    for logger in trainer.loggers:
+        if hasattr(getattr(logger, "experiment", None), "add_image"):
+            with Image.open(output_dir / f"{name}.png") as png:
+                pixels = np.asarray(png.convert("RGB"))
+            logger.experiment.add_image(name, pixels, global_step=trainer.global_step, dataformats="HWC")
+    if getattr(fig.canvas, "manager", None) is not None:  # made through pyplot (torchmetrics, Lightning): release it
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def image_grid(
+    images: torch.Tensor,
+    titles: Sequence[str],
+    colors: Sequence[str] | None = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    columns: int = 10,
+) -> Figure:
+    """Normalized (N, C, H, W) images back to pixels, one titled cell each."""
+    from matplotlib.figure import Figure
+
+    images = images.detach().float().cpu()
+    pixels = images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    pixels = pixels.clamp(0, 1).permute(0, 2, 3, 1)
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(1.6 * columns, 1.9 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(pixels[i].squeeze(-1) if pixels.shape[-1] == 1 else pixels[i], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+    fig.tight_layout()
+    return fig
+
+
+def _norm(pl_module: L.LightningModule) -> dict[str, Sequence[float]]:
+    return {"mean": pl_module.hparams.mean, "std": pl_module.hparams.std}
+
+
+class PredictionFigures(L.Callback):
+    """Test-set grids: the first `num_images` predictions titled "predicted (true)", green when right and
+    red when wrong, and the `num_images` most confident mistakes."""
+
+    def __init__(self, output_dir: str, num_images: int = 20) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_images = num_images
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first: list[tuple[torch.Tensor, ...]] = []
+        self.worst = (
+            torch.empty(0),
+            torch.empty(0),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+        )
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: dict[str, torch.Tensor],
+        batch: Any,
+        batch_idx: int,
+        *_: Any,
+    ) -> None:
+        x, y = batch[0].cpu(), batch[1].cpu()
+        logits = outputs["logits"]  # ClassifierModule's test_step output
+        confidence, predicted = logits.float().softmax(-1).max(-1)
+        confidence, predicted = confidence.cpu(), predicted.cpu()
+        if sum(len(b[0]) for b in self.first) < self.num_images:
+            self.first.append((x, predicted, y))
+        wrong = predicted != y
+        images, conf, pred, true = (
+            torch.cat([old, new]) if len(old) else new
+            for old, new in zip(self.worst, (x[wrong], confidence[wrong], predicted[wrong], y[wrong]), strict=True)
+        )
+        keep = conf.argsort(descending=True)[: self.num_images]
+        self.worst = (images[keep], conf[keep], pred[keep], true[keep])
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = pl_module.hparams.class_names
+        if self.first:
+            x, pred, true = (torch.cat(t)[: self.num_images] for t in zip(*self.first, strict=True))
+            titles = [f"{names[p]} ({names[t]})" for p, t in zip(pred, true, strict=True)]
+            colors = ["green" if p == t else "red" for p, t in zip(pred, true, strict=True)]
+            save_figure(image_grid(x, titles, colors, **_norm(pl_module)), trainer, self.output_dir, "test_predictions")
+        images, conf, pred, true = self.worst
+        if len(images):
+            titles = [f"{names[p]} {c:.0%}\n({names[t]})" for p, c, t in zip(pred, conf, true, strict=True)]
+            fig = image_grid(images, titles, ["red"] * len(images), **_norm(pl_module))
+            save_figure(fig, trainer, self.output_dir, "worst_misclassified")
+
+
+class TrainBatchFigure(L.Callback):
+    """The first training batch as the model sees it (after augmentation), titled with its labels. The images
+    are kept at the first step and drawn when training ends (or stops on an error), so drawing (about a
+    second of matplotlib) neither delays the start of training nor interrupts it."""
+
+    def __init__(self, output_dir: str, num_images: int = 20) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_images = num_images
+        self.first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @rank_zero_only
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == 0 and batch_idx == 0:
+            self.first_batch = (batch[0][: self.num_images].detach().clone(), batch[1][: self.num_images].clone())
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.draw(trainer, pl_module)
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.draw(trainer, pl_module)  # a stopped run still shows what it trained on
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.first_batch is None:
+            return
+        x, y = self.first_batch
+        self.first_batch = None
+        titles = [pl_module.hparams.class_names[int(label)] for label in y]
+        save_figure(image_grid(x, titles, **_norm(pl_module)), trainer, self.output_dir, "train_batch")

@@ -1,0 +1,174 @@
+"""What a tested run writes for people: `report_run` (called by train and evaluate after testing) writes
+metrics.json, the confusion matrix and reliability diagram, and the hyper-parameters with final metrics
+(TensorBoard's HPARAMS tab), from what ClassifierModule hands out (`test_result` and its hparams)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.model_summary import ModelSummary
+from omegaconf import OmegaConf
+
+from src.callbacks.figures import save_figure
+from src.models.classifier import ClassifierModule
+from src.utils.io import write_atomically
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+SUMMARY_KEYS = (
+    "lr_find/suggestion",
+    "val/acc_untrained",
+    "val/loss",
+    "val/acc",
+    "test/loss",
+    "test/acc",
+    "test/acc_top5",
+    "test/ece_uncalibrated",
+    "calibration/temperature",
+    "test/ece",
+)
+# Config sections that describe a run's hyper-parameters (for TensorBoard's HPARAMS tab).
+HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_smoothing", "trainer")
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with NaN and infinities as None, so `json.dumps(allow_nan=False)` writes strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def chance_level(confusion_matrix: Sequence[Sequence[int]]) -> float:
+    """The accuracy of always guessing the most common test class (1/num_classes when balanced)."""
+    counts = [sum(row) for row in confusion_matrix]
+    return max(counts) / max(1, sum(counts))
+
+
+def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
+    """A short console table of the headline figures and per-class test accuracy, and a warning when the
+    model is no better than guessing."""
+    rows = [(k, f"{metrics[k]:.4g}" if k.startswith(("lr_find", "calibration")) else f"{metrics[k]:.4f}")
+            for k in keys if isinstance(metrics.get(k), float)]  # fmt: skip
+    per_class = ("acc_per_class", "precision_per_class", "recall_per_class", "f1_per_class")
+    if "test/acc_per_class" in metrics:
+        rows.append(("test, per class:", "   acc   prec  recall   f1"))
+        for name in metrics["test/acc_per_class"]:
+            values = [metrics.get(f"test/{k}", {}).get(name) for k in per_class]
+            rows.append((f"  {name}", " ".join("     -" if v is None else f"{v:6.4f}" for v in values)))
+    width = max((len(k) for k, _ in rows), default=10) + 2
+    line = "-" * (width + 28)
+    table = [line, *(f"{k:<{width}}{v:>28}" for k, v in rows), line]
+    if metrics.get("test/at_chance_level"):
+        acc, chance = metrics["test/acc"], metrics["test/chance_level"]
+        table.append(
+            f"WARNING: test accuracy {acc:.4f} is at chance level ({chance:.4f}): the model learned nothing; "
+            "check the data and labels, or try another optimizer.lr"
+        )
+    return "\n".join(table)
+
+
+def report_run(
+    trainer: L.Trainer,
+    module: ClassifierModule,
+    output_dir: str | Path,
+    test: dict[str, float],
+    val: dict[str, float] | None = None,
+    untrained_acc: float | None = None,
+    overrides: Sequence[str] = (),
+    extra: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """What a tested run reports, from what the entry point measured (the dicts `trainer.validate/test`
+    return, the module's `test_result`, the accuracy before training): the metrics on every rank (train()
+    returns one on each); from rank 0, `metrics.json`, the confusion matrix figure, and the run's
+    hyper-parameters with its final metrics in TensorBoard's HPARAMS tab."""
+    result = module.test_result
+    assert result is not None, "report_run() comes after trainer.test()"
+    untrained = {} if untrained_acc is None else {"val/acc_untrained": untrained_acc}
+    checkpoint = trainer.checkpoint_callback
+    chance = chance_level(result.confusion_matrix)
+    metrics = {
+        **untrained,
+        **{k: float(v) for k, v in (val or {}).items() if k.startswith("val/")},
+        **{k: float(test[k]) for k in ("test/loss", "test/acc", "test/acc_top5", "test/ece") if k in test},
+        **(extra or {}),
+        "test/acc_per_class": result.acc_per_class,
+        "test/precision_per_class": result.precision,
+        "test/recall_per_class": result.recall,
+        "test/f1_per_class": result.f1,
+        "test/reliability": [{"confidence": c, "accuracy": a, "images": n} for c, a, n in result.reliability],
+        "test/confusion_matrix": result.confusion_matrix,
+        "test/chance_level": chance,
+        "test/at_chance_level": bool(test.get("test/acc", 0.0) <= chance),
+        "class_names": list(module.hparams.class_names),
+        "num_parameters": ModelSummary(module).total_parameters,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
+    }
+    if not trainer.is_global_zero:
+        return metrics
+    output_dir = Path(output_dir)
+    write_atomically(output_dir / "metrics.json", json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
+    names = metrics["class_names"]
+    from torchmetrics.classification import MulticlassConfusionMatrix  # matplotlib only when a run ends
+
+    fig, _ = MulticlassConfusionMatrix(len(names)).plot(torch.tensor(result.confusion_matrix), labels=names)
+    fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
+    save_figure(fig, trainer, output_dir, "confusion_matrix")
+    save_figure(
+        reliability_diagram(result.reliability, metrics.get("test/ece")), trainer, output_dir, "reliability_diagram"
+    )
+    for logger in trainer.loggers:
+        if untrained_acc is not None:
+            logger.log_metrics({"val/acc_untrained": untrained_acc}, step=0)
+        _log_hparams(logger, module, metrics, overrides)
+    return metrics
+
+
+def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> Figure:
+    """Accuracy against confidence per bin (bar width: the bin; shade: how many test images fell in it);
+    a calibrated model's bars reach the diagonal."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    total = max(1, sum(n for _, _, n in bins))
+    width = 1 / len(bins)
+    for i, (_, accuracy, count) in enumerate(bins):
+        ax.bar(
+            (i + 0.5) * width, accuracy, width=width, color="tab:blue", alpha=0.3 + 0.7 * count / total, edgecolor="k"
+        )
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy")
+    ax.set_title("Reliability diagram" + (f" (ECE {ece:.4f}, {len(bins)} bins)" if ece is not None else ""))
+    ax.legend(loc="upper left")
+    return fig
+
+
+def _log_hparams(logger: Logger, module: ClassifierModule, metrics: dict[str, Any], overrides: Sequence[str]) -> None:
+    """The run's command-line overrides first (in a sweep, what varies), then the config sections."""
+    config = module.hparams.get("config")
+    if not config:
+        return
+    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    params: dict[str, Any] = {"overrides": given} if given else {}
+    params.update({k: config.get(k) for k in HPARAM_SECTIONS if k in config})
+    if isinstance(params.get("trainer"), dict):
+        params["trainer"] = {"max_epochs": params["trainer"].get("max_epochs")}
+    final = {f"hparams/{k.replace('/', '_')}": v for k, v in metrics.items() if isinstance(v, float)}
+    if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab shows the final metrics beside them
+        logger.log_hyperparams(params, metrics=final)
+    else:
+        logger.log_hyperparams(params)
