@@ -1,25 +1,16 @@
 """Entry point: classify images with a checkpoint written by src.train (or a model written by src.export).
 
 python -m src.predict ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt images=[shoe.png,bag.jpg]
-python -m src.predict ckpt_path=CKPT images=FOLDER top_k=5 device=cuda
-python -m src.predict ckpt_path=CKPT images=BIG_FOLDER figures=false batch_size=512
-python -m src.predict --help
+python -m src.predict ckpt_path=CKPT images=FOLDER top_k=5 figures=false batch_size=512
 
-The checkpoint alone says what the model expects (channels, size, normalization, class names), so any image
-is converted to that: a photo can be fed to a Fashion-MNIST model. A folder is searched to any depth; when
-every image sits in a folder named after one of the model's classes (a test split in class folders), the
-accuracy is printed and written to accuracy.json (a checkpoint's predictions use its run's test-time
-augmentation, so they equal src.evaluate's on the same images). Images are decoded in a thread pool (Pillow
-releases the GIL) one batch ahead of the model; each goes through the same load_image + to_tensor as it would
-alone, so a batch changes no prediction.
-
-ckpt_path may also be a file written by src.export, told apart by its suffix: NAME.onnx (run by onnxruntime)
-or NAME.pt (TorchScript, a program: use only your own or trusted ones). Class names and input shape then come
-from the file's metadata, and the normalization is inside it. Any other file is read as a checkpoint, never run.
-
-Into the run directory: predictions.csv, streamed (one write per batch, so an interrupted or killed run keeps
-every row it finished; columns: csv_columns), with figures=true one figure per image. The console has the
-top_k classes per image up to PRINT_EACH images, beyond that a progress line every few seconds.
+The checkpoint says what the model expects (channels, size, normalization, classes), so any image is converted
+to that. A folder is searched to any depth; when every image sits in a folder named after one of the model's
+classes (a test split in class folders), the accuracy is printed and written to accuracy.json: it equals
+src.evaluate's (a checkpoint's predictions use its run's test-time augmentation). Each image goes through the
+same load_image + to_tensor as it would alone, decoded in threads one batch ahead of the model. ckpt_path may
+also be NAME.onnx (onnxruntime) or NAME.pt (TorchScript, a program: only your own or trusted ones) from
+src.export; any other file is read as a checkpoint, never run. predictions.csv (columns: csv_columns) is
+streamed a batch at a time, so a stopped or killed run keeps every row it finished.
 """
 
 from __future__ import annotations
@@ -51,6 +42,7 @@ from src.utils.io import write_atomically
 MODES = {1: "L", 3: "RGB"}  # input_shape[0] -> the PIL mode the model was trained on
 PRINT_EACH = 20  # up to this many images, one console line each; beyond, progress lines (the CSV has all)
 PROGRESS_EVERY_S = 5.0
+WHY = {UnidentifiedImageError: "not an image, or a format Pillow cannot read", PermissionError: "permission denied"}
 
 
 class UnreadableImage(ValueError):
@@ -80,24 +72,18 @@ def collect_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def load_image(path: Path, input_shape: Sequence[int]) -> Image.Image:
-    """Decode `path` and convert it to the model's mode and size: the image exactly as the model sees it
-    (before normalization), which is also what the figure shows."""
+    """`path` in the model's mode and size: the image exactly as the model sees it (before normalization)."""
     channels, height, width = (int(v) for v in input_shape)
     if not path.is_file():
         raise UnreadableImage("not a file" if path.exists() else "file not found")
     try:
         image = open_image(path, MODES[channels])
     except DataError as e:
-        cause = e.__cause__
-        if isinstance(cause, UnidentifiedImageError):
-            raise UnreadableImage("not an image, or a format Pillow cannot read") from e
-        if isinstance(cause, PermissionError):
-            raise UnreadableImage("permission denied") from e
-        raise UnreadableImage(f"corrupt or truncated image ({cause or e})") from e
-    except Exception as e:  # noqa: BLE001 - Pillow raises others too (SyntaxError, zlib.error, bomb check)
+        why = f"corrupt or truncated image ({e.__cause__ or e})"
+        raise UnreadableImage(WHY.get(type(e.__cause__), why)) from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises others too (SyntaxError, zlib.error)
         raise UnreadableImage(f"corrupt or unusable image ({type(e).__name__}: {e})") from e
-    # As ImageFolderDataModule resizes for training (torchvision's Resize of a PIL image).
-    return image if image.size == (width, height) else TF.resize(image, [height, width])
+    return image if image.size == (width, height) else TF.resize(image, [height, width])  # as for training
 
 
 def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -14,9 +14,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.runs.tuning import fit_temperature
-from src.runs.checkpoints import read_checkpoint
 from src.models.classifier import ECE_BINS, ClassifierModule
+from src.runs.checkpoints import read_checkpoint
+from src.runs.tuning import fit_temperature
 from src.train import train
 
 

@@ -8,8 +8,8 @@ from conftest import model_batch, write_image, write_image_folder
 from PIL import Image
 
 from src.data import DataError
-from src.utils.errors import UserError
 from src.data.image_folder import ImageFolderDataModule
+from src.utils.errors import UserError
 
 
 def folder(data_dir, **kwargs) -> ImageFolderDataModule:

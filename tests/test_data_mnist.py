@@ -26,9 +26,9 @@ from conftest import (
 from hydra.utils import instantiate
 from torchvision import datasets
 
-from src.utils.config import validate
 from src.data import DataError
 from src.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from src.utils.config import validate
 
 OFFLINE = {"local_copies": [], "download": False}
 COMMON = {"batch_size": 16, "num_workers": 0}

@@ -29,11 +29,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.datasets import MNIST
 
-from src.runs.checkpoints import open_run
 from src.data import DataError
-from src.utils.errors import UserError, one_line
 from src.export import export, exportable
+from src.runs.checkpoints import open_run
 from src.runs.exported import METADATA, ExportError, open_exported
+from src.utils.errors import UserError, one_line
 
 pytestmark = pytest.mark.slow  # the module's runs fixture trains five models; fast tier: tests/test_predict.py
 
@@ -104,7 +104,7 @@ def split_images(ckpt: Path) -> torch.Tensor:
     """The run's test images in [0, 1], through the datamodule of its own config (as export reads them)."""
     from src.export import parity_batches
 
-    return torch.cat(parity_batches(open_run(ckpt)[0], export_cfg(f"ckpt_path={ckpt}"), 1000))
+    return torch.cat(parity_batches(open_run(ckpt, {"mean": [0.0], "std": [1.0]})[1], 1000))
 
 
 def pytorch_probabilities(ckpt: Path, images: torch.Tensor) -> torch.Tensor:
@@ -200,12 +200,12 @@ def test_unexportable_or_disagreeing_model_is_one_line_and_writes_nothing(
 ) -> None:
     import src.export
 
-    def doctored(path: Path) -> nn.Module:
-        module = open_run(path)[0]
+    def doctored(path: Path, dataset: dict | None = None) -> tuple[nn.Module, object]:
+        module, datamodule = open_run(path, dataset)
         module.net = BatchOfTwoIsSpecial(module.net)
-        return module
+        return module, datamodule
 
-    monkeypatch.setattr(src.export, "load_checkpoint", doctored)
+    monkeypatch.setattr(src.export, "open_run", doctored)
     ckpt, _ = runs["cnn2"]
     out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
     with pytest.raises(ExportError) as error:
@@ -235,7 +235,7 @@ def test_exported_model_normalizes_inside(runs: dict) -> None:
 )
 def test_bad_options_are_one_line(runs: dict, overrides: list[str], expected: str) -> None:
     ckpt, _ = runs["mlp"]
-    with pytest.raises(ExportError, match=expected):
+    with pytest.raises(UserError, match=expected):
         export(export_cfg(f"ckpt_path={ckpt}", *overrides))
 
 

@@ -23,16 +23,15 @@ from conftest import CONF_DIR, FASHION_CLASSES, REPO_ROOT, cli_env, write_image
 from omegaconf import DictConfig
 from PIL import Image
 
-from src.utils.errors import UserError, one_line
-from src.utils.config import per_channel
 from src.predict import (
-    UserError,
     collect_images,
     csv_columns,
     load_image,
     predict,
     to_tensor,
 )
+from src.utils.config import per_channel
+from src.utils.errors import UserError, one_line
 
 
 @pytest.fixture(scope="module")

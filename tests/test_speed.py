@@ -15,14 +15,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.models.classifier import ClassifierModule
-from src.utils.resolvers import fast_precision
-from src.utils.errors import UserError
+from src.callbacks.speed import EMA, WhitenStem, patch_moment, whitening_filters
 from src.models.airbench import AirbenchNet
 from src.models.bn_convnet import BNConvNet
-from src.callbacks.speed import EMA, WhitenStem, patch_moment, whitening_filters
-from src.models.classifier import tta_logits, warmup_then_decay
+from src.models.classifier import ClassifierModule, tta_logits, warmup_then_decay
 from src.train import build_module, train
+from src.utils.errors import UserError
+from src.utils.resolvers import fast_precision
 
 TINY = ["model=bn_convnet", "model.widths=[8,16,16]", "model.stem=8", "dataset.batch_size=8"]
 

@@ -28,11 +28,11 @@ from src.runs.checkpoints import (
     open_run,
     read_checkpoint,
 )
+from src.runs.record import RunRecord
+from src.runs.reports import chance_level, format_table, strict_json
+from src.train import train
 from src.utils.config import ConfigError
 from src.utils.errors import RunInterrupted, report_errors
-from src.runs.reports import chance_level, format_table, strict_json
-from src.runs.record import RunRecord
-from src.train import train
 
 
 class CreatesFileWhenUnpickled:

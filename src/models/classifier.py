@@ -114,18 +114,13 @@ class ClassifierModule(L.LightningModule):
         norm_lr_scale: float = 1.0,
         compile: bool = False,
     ) -> None:
-        """`optimizer`/`scheduler` are partials (Hydra `_partial_: true`) completed with our parameters.
-        `lr_scheduler` holds Lightning's scheduler settings (`interval`: "epoch" or "step", `frequency`) and
-        `total_steps_key`: the scheduler argument that gets the run's number of optimizer steps (OneCycleLR's
-        `total_steps`); conf/scheduler/*.yaml set both. `mean`/`std`: the normalization the data had (one value
-        per channel; one for all in older checkpoints). `channels_last` stores images and conv weights as
-        NHWC, which oneDNN and cuDNN convolve faster (3x for cnn2 on a 2-core CPU). `config` is the composed
-        run config, kept in the checkpoint so evaluate/predict can rebuild the run. `tta` is the test-time
-        augmentation of the val, test and predict steps (`tta_logits`); by default the run config's top-level
-        `tta` (none if it has none). `norm_lr_scale`: the normalization layers'
-        parameters train with the learning rate times it and the weight decay divided by it (the same decay
-        per step); airbench gives BN biases 64x. `compile`: `torch.compile` the network's forward in place
-        (parameter names, so checkpoints, stay those of the plain network)."""
+        """`optimizer`/`scheduler`: Hydra partials completed with our parameters; `lr_scheduler`: Lightning's
+        scheduler settings (`interval`, `frequency`) and `total_steps_key`, the scheduler argument that gets the
+        run's number of optimizer steps (conf/scheduler/*.yaml). `channels_last`: NHWC images and conv weights,
+        which oneDNN and cuDNN convolve faster. `config`: the run config, kept in the checkpoint. `tta`: default
+        the config's. `norm_lr_scale`: normalization parameters train at lr x it and weight decay / it (the same
+        decay per step; airbench gives BN biases 64x). `compile`: torch.compile the network in place (its
+        parameter names, so checkpoints, stay those of the plain network)."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.hparams.mean, self.hparams.std = (per_channel(v, int(input_shape[0])) for v in (mean, std))
@@ -139,13 +134,11 @@ class ClassifierModule(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
-        # validate_args=False: the checks read values back from the device, a host sync on every step. (On
-        # CUDA, the test step's per-class accuracy and confusion matrix still sync: torch.bincount.)
+        # validate_args=False: the checks read values back from the device, a host sync on every step.
         self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
         self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check would read the loss back every step
-        # Val needs only the accuracy that checkpoints and sweeps watch; test also reports per class and the
-        # confusion matrix (one MetricCollection: a single update call, shared states where they match).
-        # Test adds per-class precision/recall/F1, calibration (ECE) and top-5 accuracy where it means something.
+        # Val needs only the accuracy that checkpoints and sweeps watch; test reports per class, the confusion
+        # matrix, calibration (ECE) and top-5 accuracy where it means something (one update for all).
         test = {
             "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
             "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
@@ -157,12 +150,8 @@ class ClassifierModule(L.LightningModule):
         }
         if n > 5:
             test["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro", validate_args=False)
-        self.eval_metrics = nn.ModuleDict(
-            {
-                "val": MetricCollection({"acc": MulticlassAccuracy(n, average="micro", validate_args=False)}),
-                "test": MetricCollection(test),
-            }
-        )
+        val = MetricCollection({"acc": MulticlassAccuracy(n, average="micro", validate_args=False)})
+        self.eval_metrics = nn.ModuleDict({"val": val, "test": MetricCollection(test)})
         # Temperature scaling (src/runs/tuning.py): logits are divided by it; 1 until a run is calibrated.
         self.register_buffer("temperature", torch.ones(()))
         self.test_result: TestResult | None = None

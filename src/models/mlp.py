@@ -7,13 +7,7 @@ from torch import nn
 class MLP(nn.Module):
     """Fully connected net on flattened pixels (the Fashion-MNIST MLP seed: 784-256-128-64-10)."""
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        num_classes: int,
-        hidden: Sequence[int],
-        dropout: float,
-    ) -> None:
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int], dropout: float) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = int(torch.tensor(input_shape).prod())
