@@ -1,11 +1,14 @@
-"""Seconds from the command to the first training step of a run, whole process (imports, config, data from
-its cache, model, Trainer, sanity check):
+"""A run's fixed cost against the bare Lightning script (benchmarks/bare_lightning.py), each a fresh process on the
+same MNIST IDX files with warm `.pyc` files, run in turn (paired), median of `--runs`:
 
-    python -m benchmarks.startup [--runs 3] [OVERRIDES ...]     # default: the default run, python -m src.train
+- whole run: a 1-batch fit, validation and test, with all of a run's usual outputs (ours: TensorBoard,
+  checkpoints, metrics.json, confusion matrix and the other figures, job status; bare: CSV log, checkpoint);
+- first step: from the command to the first training step (which exits the process at once).
 
-Each run is a fresh process running src.train with OVERRIDES, its first training step replaced by an
-immediate exit, so only the start-up is timed; prints each run's seconds and the median. The first run may
-include decoding the dataset into its cache (later runs read the cache, as any second run does).
+    python -m benchmarks.startup --mnist-dir DIR [--runs 5]
+
+DIR holds the four MNIST IDX files (or torchvision's MNIST/raw layout). Prints each pair, the medians and
+`whole run ours/bare = X` and `first step ours/bare = Y`.
 """
 
 from __future__ import annotations
@@ -16,33 +19,58 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-RUN_UNTIL_FIRST_STEP = """
+# The same exit for both: Lightning's training loop ends the process when it reaches its first batch.
+FIRST_STEP_EXITS = """
 import os, runpy, sys
-import src.models.classifier as c
-def first_step(self, batch, batch_idx):
-    os._exit(0)
-c.ClassifierModule.training_step = first_step
-sys.argv = ["src.train", *sys.argv[1:]]
-runpy.run_module("src.train", run_name="__main__")
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+_TrainingEpochLoop.advance = lambda *args, **kwargs: os._exit(0)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__")
 """
+
+
+def commands(data_dir: Path, out: Path) -> dict[str, list[str]]:
+    one = "trainer.limit_{}_batches=1"
+    ours = ["dataset=mnist", f"dataset.data_dir={data_dir}", "dataset.download=false", "trainer.max_epochs=1",
+            *(one.format(split) for split in ("train", "val", "test")), f"hydra.run.dir={out / 'ours'}"]  # fmt: skip
+    bare = ["--data-dir", str(data_dir), "--limit-batches", "1", "--output-dir", str(out / "bare")]
+    return {"ours": ["src.train", *ours], "bare": ["benchmarks.bare_lightning", *bare]}
+
+
+def timed(args: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(args)}\n{result.stderr[-2000:]}")
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="as for python -m src.train")
+    parser.add_argument("--mnist-dir", required=True, help="the four MNIST IDX files")
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    seconds = []
-    for _ in range(args.runs):
-        with tempfile.TemporaryDirectory() as run_dir:
-            command = [sys.executable, "-c", RUN_UNTIL_FIRST_STEP, *args.overrides, f"hydra.run.dir={run_dir}"]
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True)
-            seconds.append(time.perf_counter() - start)
-        print(f"first training step after {seconds[-1]:.2f} s", flush=True)
-    command = " ".join(["python -m src.train", *args.overrides])
-    print(f"median {statistics.median(seconds):.2f} s over {args.runs} runs of {command}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"  # staged once, as src.train does (the first, untimed, run)
+        subprocess.run([sys.executable, "-c", "from src.data.mnist import MNISTDataModule as D; "
+                        f"D(data_dir='{data}', local_copies=['{args.mnist_dir}'], download=False).prepare_data()"],
+                       check=True)  # fmt: skip
+        times: dict[str, list[float]] = {f"{what} {who}": [] for what in ("whole run", "first step")
+                                         for who in ("ours", "bare")}  # fmt: skip
+        for i in range(args.runs + 1):  # the first round warms caches (.pyc, decoded images): not counted
+            for who, command in commands(data, Path(tmp) / str(i)).items():
+                whole, first = timed(["-m", *command]), timed(["-c", FIRST_STEP_EXITS, *command])
+                if i:
+                    times[f"whole run {who}"].append(whole)
+                    times[f"first step {who}"].append(first)
+                    print(f"round {i} {who}: whole run {whole:.2f} s, first step {first:.2f} s", flush=True)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name, value in median.items():
+        print(f"median {name}: {value:.2f} s")
+    print(f"whole run ours/bare = {median['whole run ours'] / median['whole run bare']:.2f}")
+    print(f"first step ours/bare = {median['first step ours'] / median['first step bare']:.2f}")
 
 
 if __name__ == "__main__":

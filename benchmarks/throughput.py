@@ -3,23 +3,27 @@
   (a)  the seeds' plain PyTorch loop: DataLoader over the torchvision dataset with ToTensor, num_workers=0
   (b)  a plain PyTorch loop over in-memory tensors: normalized float images sliced with a shuffled index
   (b') the same loop with the model and images in channels-last memory, as our path runs them
+  (l)  the bare Lightning module of benchmarks/bare_lightning.py on (b')'s batches and memory format, in a
+       Trainer with that script's callbacks and logger (ModelCheckpoint, CSVLogger): what Lightning itself costs
   (c)  this project's training path as `python -m src.train` builds it from conf/train.yaml (datamodule with
        its default in-memory path, ClassifierModule, Trainer with the run's callbacks, logger and progress bar)
 
     python -m benchmarks.throughput [--steps 200] [--data-dir data]
 
-Prints images/second and the ratios c/a, c/b and c/b' (then `worst c/b' = X.XX`, the smallest, for scripts):
+Prints images/second and the ratios c/a, c/b, c/b' and c/l, then `worst c/l = X.XX` and
+`worst c/b' at batch >= 256 = Y.YY` (the smallest, for scripts):
 cnn2 on Fashion-MNIST at batch 64 and 256, cnn3 on
 CIFAR-10-shaped data at batch 128 (random pixels written as CIFAR-10 pickle batches: the cost of a step does
 not depend on the content). All use Adam (lr 1e-3), fp32 and no augmentation. Steps are timed after a warm-up;
-the four paths run in turn, `--rounds` times, and each figure is the median of its rounds (a CPU step's speed
+the paths run in turn, `--rounds` times, and each figure is the median of its rounds (a CPU step's speed
 drifts with what ran before it in the process). The process starts with `keep_freed_memory()`, as
-`python -m src.train` does, so all four paths get the same allocator.
+`python -m src.train` does, so all paths get the same allocator.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -31,19 +35,31 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision import transforms as T
 
-from src.data.cifar10 import _CIFAR10
+from benchmarks.bare_lightning import BareModule
 from src.data.mnist import FashionMNISTDataModule
 from src.runs.record import build_trainer
 from src.train import build_module
 from src.utils.command import keep_freed_memory
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+class UncheckedCIFAR10(datasets.CIFAR10):
+    """torchvision's reader for the random CIFAR-shaped batches below (they cannot match the official MD5s)."""
+
+    def _check_integrity(self) -> bool:
+        return True
+
+    def _load_meta(self) -> None:
+        self.classes = [str(i) for i in range(10)]
 
 
 def model(name: str, input_shape: tuple[int, int, int]) -> nn.Module:
@@ -86,12 +102,27 @@ class InMemoryBatches:
             yield self.images[index], self.labels[index]
 
 
-def in_memory(make_model, images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, nhwc: bool) -> float:
-    """(b), or (b') with `nhwc`: images are uint8 (N, C, H, W), normalized once up front."""
+def in_memory(
+    make_model, images: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, nhwc: bool, bare: bool = False
+) -> float:
+    """(b), or (b') with `nhwc`, or (l) with `bare`: images are uint8 (N, C, H, W), normalized once up front."""
     pixels = images.float().div(255)
     pixels = (pixels - pixels.mean()) / pixels.std()
     model = make_model().to(memory_format=torch.channels_last) if nhwc else make_model()
-    return plain_loop(model, InMemoryBatches(pixels, labels, batch, channels_last=nhwc), steps)
+    batches = InMemoryBatches(pixels, labels, batch, channels_last=nhwc)
+    return bare_lightning(model, batches, steps) if bare else plain_loop(model, batches, steps)
+
+
+def bare_lightning(model: nn.Module, batches: InMemoryBatches, steps: int) -> float:
+    """(l): BareModule in a Trainer as benchmarks/bare_lightning.py builds it, no validation."""
+    clock = _Clock()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = L.Trainer(
+            max_steps=steps + WARMUP, limit_val_batches=0, accelerator="cpu", devices=1, enable_model_summary=False,
+            callbacks=[ModelCheckpoint(), clock], logger=CSVLogger(out), default_root_dir=out,
+        )  # fmt: skip
+        trainer.fit(BareModule(model), batches)
+    return clock.seen / (clock.end - clock.start)
 
 
 class _Clock(L.Callback):
@@ -140,6 +171,8 @@ def rounds(paths: dict[str, Callable[[], float]], n: int) -> list[float]:
     results: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(n):
         for name, measure in paths.items():
+            gc.collect()
+            gc.freeze()  # what src.train does before fitting: the collector skips what setup left behind
             results[name].append(measure())
     return [statistics.median(values) for values in results.values()]
 
@@ -152,6 +185,7 @@ def fashion_case(seed_data: datasets.FashionMNIST, data_dir: str, batch: int, st
             "a": lambda: plain_loop(model("cnn2", (1, 28, 28)), DataLoader(seed_data, batch, shuffle=True), steps),
             "b": lambda: in_memory(lambda: model("cnn2", (1, 28, 28)), images, labels, batch, steps, False),
             "b'": lambda: in_memory(lambda: model("cnn2", (1, 28, 28)), images, labels, batch, steps, True),
+            "l": lambda: in_memory(lambda: model("cnn2", (1, 28, 28)), images, labels, batch, steps, True, True),
             "c": lambda: our_path(["model=cnn2", *dataset], steps),
         },
         n,
@@ -184,8 +218,7 @@ def cifar_case(steps: int, n: int) -> tuple[str, list[float]]:
     batch = 128
     with tempfile.TemporaryDirectory() as root:
         write_cifar_shaped(Path(root) / "cifar-10-batches-py", n_per_batch=1000)
-        seed_data = _CIFAR10(Path(root), "cifar-10-batches-py", train=True)
-        seed_data.transform = T.ToTensor()
+        seed_data = UncheckedCIFAR10(root, train=True, transform=T.ToTensor())
         images, labels = torch.from_numpy(seed_data.data).permute(0, 3, 1, 2), torch.tensor(seed_data.targets)
         dataset = ["dataset=cifar10", f"dataset.data_dir={root}", f"dataset.batch_size={batch}"]
         no_augmentation = ["dataset.hflip=false", "dataset.rotation=0"]
@@ -193,6 +226,7 @@ def cifar_case(steps: int, n: int) -> tuple[str, list[float]]:
             "a": lambda: plain_loop(model("cnn3", (3, 32, 32)), DataLoader(seed_data, batch, shuffle=True), steps),
             "b": lambda: in_memory(lambda: model("cnn3", (3, 32, 32)), images, labels, batch, steps, False),
             "b'": lambda: in_memory(lambda: model("cnn3", (3, 32, 32)), images, labels, batch, steps, True),
+            "l": lambda: in_memory(lambda: model("cnn3", (3, 32, 32)), images, labels, batch, steps, True, True),
             "c": lambda: our_path(["model=cnn3", *dataset, *no_augmentation], steps),
         }
         return ("cnn3 CIFAR-10-shaped batch 128", rounds(paths, n))
@@ -200,22 +234,25 @@ def cifar_case(steps: int, n: int) -> tuple[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="timed training steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements per path (the median is shown)")
+    parser.add_argument("--steps", type=int, default=300, help="timed training steps per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="measurements per path (the median is shown)")
     parser.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (or is staged)")
     args = parser.parse_args()
     keep_freed_memory()
     torch.manual_seed(0)
     rows = [*fashion_cases(args.data_dir, args.steps, args.rounds), cifar_case(args.steps, args.rounds)]
-    header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(c) ours", "c/a", "c/b", "c/b'"]
-    print(f"\n{'case':32}" + "".join(f"{h:>15}" for h in header[:4]) + "".join(f"{h:>7}" for h in header[4:]))
-    for name, (a, b, b_cl, c) in rows:
-        print(f"{name:32}{a:15.0f}{b:15.0f}{b_cl:15.0f}{c:15.0f}{c / a:7.2f}{c / b:7.2f}{c / b_cl:7.2f}")
+    header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(l) Lightning", "(c) ours", "c/a", "c/b", "c/b'", "c/l"]
+    print(f"\n{'case':32}" + "".join(f"{h:>15}" for h in header[:5]) + "".join(f"{h:>7}" for h in header[5:]))
+    for name, (a, b, b_cl, lit, c) in rows:
+        print(f"{name:32}{a:15.0f}{b:15.0f}{b_cl:15.0f}{lit:15.0f}{c:15.0f}" + "".join(
+            f"{c / x:7.2f}" for x in (a, b, b_cl, lit)))  # fmt: skip
     print(
         f"images/second, median of {args.rounds} rounds of {args.steps} timed steps, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"worst c/b' = {min(c / b_cl for _, (_, _, b_cl, c) in rows):.2f}")
+    print(f"worst c/l = {min(c / lit for _, (*_, lit, c) in rows):.2f}")
+    big = [c / b_cl for name, (_, _, b_cl, _, c) in rows if int(name.rsplit(" ", 1)[1]) >= 256]
+    print(f"worst c/b' at batch >= 256 = {min(big):.2f}")
 
 
 if __name__ == "__main__":

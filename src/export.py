@@ -3,26 +3,14 @@
 python -m src.export ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt              # -> last.onnx beside it
 python -m src.export ckpt_path=CKPT format=torchscript out=model.pt dataset.data_dir=DIR
 
-The exported model, in both formats:
-- input `images`: float32 (N, C, H, W) at the checkpoint's input shape, values in [0, 1] (what torchvision's
-  ToTensor gives); the checkpoint's normalization (its mean/std) is inside the model; any batch size N;
-- output `logits`: float32 (N, num_classes), in the order of class_names (softmax gives probabilities);
-- metadata travels in the file, each value JSON: class_names (list), input_shape ([C, H, W]), mean and std
-  (per channel, already applied inside the model). ONNX: metadata properties of the model (onnxruntime:
-  `session.get_modelmeta().custom_metadata_map["class_names"]`). TorchScript: extra files class_names.json,
-  input_shape.json, mean.json, std.json in the archive (`torch.jit.load(path, _extra_files={"class_names.json":
-  ""})` fills them in).
-
-The file is written only after a parity check: the exported model (run by onnxruntime, or loaded back with
-torch.jit.load) must give every one of `parity_images` real images of the run's test split (its datamodule from
-the checkpoint's own run config, as src.evaluate builds it) the class the PyTorch model gives, with no class
-probability more than PARITY_TOLERANCE apart; the largest difference is printed. It is written atomically: a
-failed export leaves no file, and an earlier good one in place.
-
-Export goes through torch.onnx.export (its default torch.export-based exporter, which needs onnxscript) and
-torch.jit.trace, as LightningModule.to_onnx/to_torchscript do: those take the LightningModule itself, without
-the normalization that the contract puts inside, and to_torchscript is deprecated (removed in Lightning 2.8).
-TorchScript is deprecated in PyTorch too (torch.jit warns; those warnings are silenced here): prefer ONNX.
+The exported model (both formats) maps `images`, float32 (N, C, H, W) in [0, 1] (what ToTensor gives) at the
+checkpoint's input shape, any N, to `logits` (N, num_classes) in the order of class_names: the checkpoint's
+normalization (and a calibrated run's temperature) is inside. Metadata travels in the file, each value JSON:
+class_names, input_shape, mean, std (ONNX: model properties, `session.get_modelmeta().custom_metadata_map`;
+TorchScript: extra files NAME.json). The file is written (atomically) only after a parity check: on
+`parity_images` images of the run's test split, the export must give PyTorch's class with no probability more
+than PARITY_TOLERANCE apart. torch.onnx.export and torch.jit.trace do the work, as LightningModule.to_onnx and
+to_torchscript would without the normalization; TorchScript is deprecated in PyTorch: prefer ONNX.
 """
 
 from __future__ import annotations
@@ -57,42 +45,23 @@ def metadata(module: ClassifierModule) -> dict[str, Any]:
             "mean": list(hp.mean), "std": list(hp.std)}  # fmt: skip
 
 
-class Normalize(nn.Module):
-    """torchvision's Normalize arithmetic, `(images - mean) / std` per channel, with constant buffers: its
-    own check of std for zeros is a data-dependent branch, which torch.export refuses for several channels."""
+class Exportable(nn.Module):
+    """The checkpoint's network behind its normalization (constant buffers: torchvision's Normalize checks std
+    for zeros, a data-dependent branch torch.export refuses) and before its temperature: images in [0, 1] in,
+    logits out. Without ClassifierModule's channels-last conversion, which changes speed, not results."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, module: ClassifierModule) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.net, channels = module.net, (1, -1, 1, 1)
+        self.register_buffer("mean", torch.tensor(module.hparams.mean, dtype=torch.float32).view(channels))
+        self.register_buffer("std", torch.tensor(module.hparams.std, dtype=torch.float32).view(channels))
+        self.register_buffer("temperature", module.temperature.detach().clone().float())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
+        return self.net((images - self.mean) / self.std) / self.temperature
 
 
-class Temperature(nn.Module):
-    """Divides the logits by a calibrated run's temperature (src/runs/tuning.py), as ClassifierModule does."""
-
-    def __init__(self, temperature: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("temperature", temperature.detach().clone().float())
-
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits / self.temperature
-
-
-def exportable(module: ClassifierModule) -> nn.Module:
-    """The checkpoint's network behind its normalization (and, if it was calibrated, before its temperature):
-    images in [0, 1] in, logits out. Without ClassifierModule's channels-last conversion, which changes
-    speed, not results."""
-    meta = metadata(module)
-    layers = [Normalize(meta["mean"], meta["std"]), module.net]
-    if float(module.temperature) != 1.0:
-        layers.append(Temperature(module.temperature))
-    return nn.Sequential(*layers).eval()
-
-
-def to_onnx(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
+def to_onnx(model: Exportable, meta: Mapping[str, Any]) -> bytes:
     """The model as one ONNX file (weights inside), batch axis dynamic, metadata as model properties."""
     import onnx
 
@@ -100,29 +69,24 @@ def to_onnx(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
         logging.getLogger(name).setLevel(logging.WARNING)
     example = torch.rand(2, *meta["input_shape"])  # not 1: torch.export would fix a batch axis of size 1
     try:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False,
-        )
+        batch = ({0: torch.export.Dim("batch")},)
+        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=batch, verbose=False)  # fmt: skip
     except torch.onnx.OnnxExporterError as e:
         cause = e.__cause__ or e
-        raise ExportError(f"{type(model[1]).__name__} cannot be exported to ONNX: {first_line(cause)}") from e
+        raise ExportError(f"{type(model.net).__name__} cannot be exported to ONNX: {first_line(cause)}") from e
     proto = program.model_proto
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not batch.dim_param:  # torch.export fixed the batch size (the model branches on it)
         raise ExportError(
-            f"{type(model[1]).__name__} cannot be exported to ONNX: torch.export fixed its batch size at "
+            f"{type(model.net).__name__} cannot be exported to ONNX: torch.export fixed its batch size at "
             f"{batch.dim_value} (does the model depend on the batch size?)"
         )
     onnx.helper.set_model_props(proto, {key: json.dumps(meta[key]) for key in METADATA})
     return proto.SerializeToString()
 
 
-def to_torchscript(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
+def to_torchscript(model: Exportable, meta: Mapping[str, Any]) -> bytes:
     """The model traced to TorchScript (tracing keeps the batch axis free), metadata as extra files."""
     example = torch.rand(2, *meta["input_shape"])
     buffer = io.BytesIO()
@@ -131,7 +95,7 @@ def to_torchscript(model: nn.Module, meta: Mapping[str, Any]) -> bytes:
             traced = torch.jit.trace(model, example)
             torch.jit.save(traced, buffer, _extra_files={f"{key}.json": json.dumps(meta[key]) for key in METADATA})
     except RuntimeError as e:  # what torch.jit raises for a module it cannot trace
-        raise ExportError(f"{type(model[1]).__name__} cannot be exported to TorchScript: {first_line(e)}") from e
+        raise ExportError(f"{type(model.net).__name__} cannot be exported to TorchScript: {first_line(e)}") from e
     return buffer.getvalue()
 
 
@@ -153,12 +117,12 @@ def parity_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
 def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch.Tensor]) -> tuple[int, int, float]:
     """(images, images whose class differs, largest probability difference) of the exported model against
     the checkpoint's PyTorch model on normalized images, as src.predict and src.evaluate run it."""
-    normalize = Normalize(exported.mean, exported.std)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (exported.mean, exported.std))
     total = differ = 0
     worst = 0.0
     for images in batches:
         with torch.inference_mode():
-            expected = module(normalize(images)).softmax(-1)
+            expected = module((images - mean) / std).softmax(-1)
         got = exported.logits(images).softmax(-1)
         total += len(images)
         differ += int((expected.argmax(-1) != got.argmax(-1)).sum())
@@ -186,7 +150,7 @@ def export(cfg: DictConfig) -> Path:
     module, datamodule = open_run(ckpt, {**OmegaConf.to_container(cfg.dataset), "mean": [0.0], "std": [1.0]})
     batches = parity_batches(datamodule, count)
     meta = metadata(module)
-    data = (to_onnx if fmt == "onnx" else to_torchscript)(exportable(module), meta)
+    data = (to_onnx if fmt == "onnx" else to_torchscript)(Exportable(module).eval(), meta)
     total, differ, worst = parity(module, open_exported(data, fmt, f"the exported {fmt} model"), batches)
     print(
         f"parity on {total} test images: {total - differ} of {total} with PyTorch's class, largest probability "

@@ -7,6 +7,7 @@ python -m src.train --help        # config groups and their choices
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -67,7 +68,11 @@ def train(cfg: DictConfig) -> float:
             finder = build_trainer(cfg, only=("progress_bar",))
             extra["lr_find/suggestion"] = find_lr(finder, module, datamodule, cfg.paths.output_dir)
         trainer = record.trainer = build_trainer(cfg)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        gc.freeze()  # the garbage collector skips everything set up so far: cheaper steps (RESULTS.md)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        finally:
+            gc.unfreeze()  # collectable again when the run is over (a sweep runs many in one process)
         # Accuracy before training, on the sanity check's val batches: about 1/num_classes, or something is wrong.
         untrained_acc = module.sanity_check_acc if cfg.ckpt_path is None else None
         # Report the weights with the best val loss (the current ones if no checkpoint was written).

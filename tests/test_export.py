@@ -30,7 +30,7 @@ from torch import nn
 from torchvision.datasets import MNIST
 
 from src.data import DataError
-from src.export import export, exportable
+from src.export import Exportable, export
 from src.runs.checkpoints import open_run
 from src.runs.exported import METADATA, ExportError, open_exported
 from src.utils.errors import UserError, one_line
@@ -222,7 +222,7 @@ def test_exported_model_normalizes_inside(runs: dict) -> None:
     images = torch.rand(4, 1, 28, 28)
     mean, std = module.hparams.mean[0], module.hparams.std[0]
     with torch.no_grad():
-        assert torch.allclose(exportable(module)(images), module.net((images - mean) / std), atol=1e-6)
+        assert torch.allclose(Exportable(module)(images), module.net((images - mean) / std), atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ def test_both_paths_serve_the_same_order_and_pixels(tmp_path):
         assert len(loaders[0]) == len(loaders[1])
         if name == "train_dataloader":
             for loader in loaders:
-                loader.batch_sampler.sampler.set_epoch(3)
+                loader.sampler.set_epoch(3)
         labels = [torch.cat([y for _, y in loader]) for loader in loaders]
         assert torch.equal(labels[0], labels[1]), name
     for name in ("val_dataloader", "test_dataloader"):  # no augmentation: identical pixels
@@ -94,10 +94,9 @@ def test_each_ddp_process_gets_its_own_shard_of_every_epoch(tmp_path):
         cpu = SimpleNamespace(root_device=torch.device("cpu"))
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=cpu)
         loader = dm.train_dataloader()
-        loader.batch_sampler.sampler.set_epoch(1)
-        shards.append(torch.cat([dm.train_set.indices[p] for p in loader.batch_sampler]))
-        val = torch.cat([dm.val_set.indices[p] for p in dm.val_dataloader().batch_sampler])
-        shards.append(val)
+        loader.sampler.set_epoch(1)  # what Lightning does at every epoch's start
+        shards.append(dm.train_set.indices[list(loader.sampler)])
+        shards.append(dm.val_set.indices[list(dm.val_dataloader().sampler)])
     train0, val0, train1, val1 = shards
     assert len(train0) == len(train1) == 36 and not set(train0.tolist()) & set(train1.tolist())
     assert sorted(torch.cat([val0, val1]).tolist()) == sorted(dm.val_set.indices.tolist())  # each once

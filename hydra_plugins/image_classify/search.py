@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import optuna
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _OptunaSweeper
 
 NO_BEST_TRIAL = ("No trials are completed yet", "Record does not exist")  # in memory, in a database
@@ -36,6 +35,8 @@ class OptunaSweeper(_OptunaSweeper):
             sys.exit(1)
 
     def _completed_trials(self) -> int:
+        import optuna  # here: Hydra imports every plugin module at the start of every run
+
         if self.sweeper.storage is None:  # an in-memory study's trials are gone with it
             return 0
         study = optuna.load_study(study_name=self.sweeper.study_name, storage=self.sweeper.storage)

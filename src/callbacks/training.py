@@ -17,33 +17,31 @@ class TrainingDiverged(UserError):
 
 
 class StopOnNonFiniteLoss(L.Callback):
-    """Stops the run when the training loss became NaN or infinite, naming the epoch and the step where it
-    first did. Reading the loss back every step would stall an accelerator (and costs a little on a CPU too),
-    so the first bad step is recorded on the loss's device and read back every `check_every` steps and at
-    the epoch's end; every process stops together (one alone would hang the others in the next all-reduce)."""
+    """Stops the run when the training loss became NaN or infinite, naming the epoch and the step where it first
+    did. Reading the loss back every step would stall an accelerator (and costs a small model's CPU step more
+    than it takes), so the losses are kept on their device and checked every `check_every` steps and at the
+    epoch's end; every process stops together (one alone would hang the others in the next all-reduce)."""
 
     def __init__(self, lr: float | None = None, check_every: int = 50) -> None:
         self.lr, self.check_every = lr, max(1, check_every)
-        self.first_bad: torch.Tensor | None = None
+        self.losses: list[torch.Tensor] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        step = trainer.global_step - 1  # the optimizer step this batch made
-        if self.first_bad is None:
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        self.first_bad = torch.where(~torch.isfinite(loss.detach()) & (self.first_bad < 0), step, self.first_bad)
-        if (step + 1) % self.check_every == 0:
-            self._check(trainer)
+        if loss is not None:
+            self.losses.append(loss.detach())
+            if len(self.losses) >= self.check_every:
+                self._check(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
-        step = int(self.first_bad) if self.first_bad is not None else -1
+        bad = (~torch.isfinite(torch.stack(self.losses))).nonzero() if self.losses else ()
+        step = trainer.global_step - len(self.losses) + int(bad[0]) if len(bad) else -1  # the optimizer step
+        self.losses.clear()
         if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
             lower = f" (now {self.lr:g})" if self.lr is not None else ""
             raise TrainingDiverged(

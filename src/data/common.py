@@ -1,17 +1,15 @@
-"""What every datamodule shares: the seeded train/val split (or k-fold), class and label checks, the
-samplers that fix the training order, local copies before a download, and clear errors.
-
-A subclass only says where its images come from (`source_files`, `load`, and a fast `decode` where it has
-one); `input_shape` and `class_names` are read from the data, never hard-coded. `setup` picks once the
-`DataPath` that serves the splits: `InMemoryPath` (`in_memory.py`: decoded uint8 tensors, batch augmentation
-on the device; the default where the data fits) or `PerSamplePath` (`per_sample.py`: PIL transforms per image).
+"""What every datamodule shares: the seeded train/val split (or k-fold), label checks, the samplers that fix
+the training order, local copies before a download, and clear errors. A subclass says where its images come
+from (`source_files`, `load`, a fast `decode` where it has one) and reads `input_shape` and `class_names` from
+them. `setup` picks once the `DataPath` serving the splits: `InMemoryPath` (decoded uint8 tensors, batch
+augmentation on the device; the default where the data fits) or `PerSamplePath` (PIL transforms per image).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 from src.data.in_memory import InMemoryPath
@@ -42,7 +40,7 @@ class DataPath(Protocol):
 
     def read(self, train: bool) -> tuple[Any, torch.Tensor, list[str]] | None: ...
     def view(self, source: Any, indices: Sequence[int] | None, train: bool) -> Dataset: ...
-    def loader(self, dataset: Dataset, sampler: Sampler | None, generator: torch.Generator) -> DataLoader: ...
+    def loader(self, dataset: Dataset, sampler: Sampler | None, generator: torch.Generator) -> Iterable: ...
     def after_transfer(self, batch: Any, train: bool) -> Any: ...
 
 
@@ -59,8 +57,7 @@ def writable_dir(path: Path) -> Path:
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Seeded train/val split of a training set and the official test split. Subclasses implement `load` and
-    `source_files`, and set `class_names` and `input_shape` (C, H, W) from the files they read."""
+    """Seeded train/val split of a training set, and the test split."""
 
     def __init__(
         self,
@@ -78,8 +75,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         crop_padding: int = 0,
         in_memory: bool | str = "auto",
     ) -> None:
-        """`in_memory`: true, false, or "auto" (in memory when the decoded images take under half the
-        available RAM). `folds`=K, `fold`=I: validate on fold I of K instead of `val_fraction`."""
+        """`in_memory`: true, false, or "auto" (when the decoded images take under half the free RAM).
+        `folds`=K, `fold`=I: validate on fold I of K instead of `val_fraction`."""
         super().__init__()
         if in_memory not in (True, False, "auto"):
             raise DataError(f"dataset.in_memory must be true, false or auto, got {in_memory!r}")
@@ -100,17 +97,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.path: DataPath | None = None  # chosen once, by setup()
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
+        self.train_set = self.val_set = self.test_set = None
 
     # --- what subclasses provide -------------------------------------------------------------------
     def load(self, train: bool) -> Dataset | None:
-        """The split as (PIL image, label) pairs; None when the data has no such split (no test set)."""
+        """The split as (PIL image, label) pairs (None: no such split); sets `class_names` and `input_shape`
+        (C, H, W) when `train`."""
         raise NotImplementedError
 
     def source_files(self, train: bool) -> list[Path] | None:
-        """The files a split is read from (after prepare_data); the cache is rebuilt when any changes."""
+        """The files a split is read from; the in-memory cache is rebuilt when any of them changes."""
         raise NotImplementedError
 
     def decode(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,9 +135,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return ()
 
     def decoded_bytes(self) -> int:
-        """What the decoded training and test images take in memory, estimated before decoding them."""
-        files = [f for train in (True, False) for f in self.source_files(train) or []]
-        return sum(f.stat().st_size for f in files if f.is_file())  # a missing one is reported when read
+        """What the decoded images take in memory, estimated before decoding them (a missing file: later)."""
+        return sum(f.stat().st_size for t in (True, False) for f in self.source_files(t) or [] if f.is_file())
 
     def resize(self) -> list[Any]:
         """Transforms that bring every image to `input_shape` (only image folders need one)."""
@@ -154,9 +149,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std; a single value applies to every channel."""
-        return per_channel(self.mean, self.input_shape[0], "dataset.mean"), per_channel(
-            self.std, self.input_shape[0], "dataset.std"
-        )
+        channels = self.input_shape[0]
+        return per_channel(self.mean, channels, "dataset.mean"), per_channel(self.std, channels, "dataset.std")
 
     def where(self, train: bool) -> str:
         """The folder or file a split is read from, for error messages."""
@@ -218,7 +212,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         assert self.path is not None, "call setup() first"
         return self.path.after_transfer(batch, train=self.trainer is not None and self.trainer.training)
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> Iterable:
         """Samplers of our own (the trainer runs with use_distributed_sampler=false): the training order of
         every epoch is a function of (seed, epoch) alone, so a resumed run sees the same batches; under DDP
         each process gets its shard, and val/test images are each seen exactly once (no padding)."""
@@ -232,13 +226,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         # global RNG (and so the augmentation) differently in a resumed run.
         return self.path.loader(dataset, sampler, torch.Generator().manual_seed(self.seed))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> Iterable:
         return self._loader(self.train_set, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Iterable:
         return self._loader(self.val_set, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> Iterable:
         return self._loader(self.test_set, shuffle=False)
 
 

@@ -1,9 +1,8 @@
-"""The in-memory data path (`InMemoryPath`): a split decoded once into a uint8 tensor, cached next to the
-data, kept on the training device where it fits, served as batches by slicing with the epoch's shuffled
-index; normalization and augmentation run afterwards on whole batches on that device (`batch_augment.py`).
-
-A small dataset decoded through PIL one image at a time, every epoch, spends most of its time outside the
-model; here a batch costs one gather.
+"""The in-memory data path (`InMemoryPath`): a split decoded once into a uint8 tensor, cached next to the data,
+kept on the training device where it fits, served as batches by slicing with the epoch's shuffled index;
+normalization and augmentation run afterwards on whole batches on that device (`augment.py`). A small dataset
+decoded through PIL one image at a time, every epoch, spends most of its time outside the model; here a batch
+costs one gather.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, default_convert
+from torch.utils.data import Dataset, Sampler, SequentialSampler
 
 from src.data.augment import BatchAugment
 from src.utils.io import write_atomically
@@ -28,9 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class TensorImages(Dataset):
-    """The images of one split at `indices` of a shared uint8 tensor (N, C, H, W), with their labels.
-    `__getitems__` serves a whole batch with one gather; DataLoader calls it with what `SlicedBatches`
-    yields (a tensor of positions, on the device that holds the images)."""
+    """The images of one split at `indices` of a shared uint8 tensor (N, C, H, W), with their labels;
+    `__getitems__` serves a whole batch with one gather."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] | None = None) -> None:
         self.images, self.labels = images, labels
@@ -48,17 +46,19 @@ class TensorImages(Dataset):
         return self.images[j], self.labels[j]
 
 
-class SlicedBatches(Sampler):
-    """Batches as slices of the epoch's order, which `sampler` decides (so shuffling, the DDP shard and
-    resume behave exactly as on the per-sample path). The order is moved to `device` once per epoch, so
-    serving a batch never waits for the device."""
+class TensorBatches:
+    """The batches of `dataset` as slices of the epoch's order, which `sampler` decides (so shuffling, the DDP
+    shard and resume behave exactly as on the per-sample path; Lightning calls its `set_epoch`). The order moves
+    to the images' device once an epoch; a batch is one gather, without a DataLoader's per-batch machinery."""
 
-    def __init__(self, sampler: Sampler, batch_size: int, device: torch.device | str = "cpu") -> None:
-        self.sampler, self.batch_size, self.device = sampler, batch_size, torch.device(device)
+    batch_sampler = None  # what Lightning looks for beside `sampler`, as on a DataLoader
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.device)
-        yield from order.split(self.batch_size)
+    def __init__(self, dataset: TensorImages, sampler: Sampler, batch_size: int) -> None:
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.dataset.images.device)
+        return map(self.dataset.__getitems__, order.split(self.batch_size))
 
     def __len__(self) -> int:
         return ceil(len(self.sampler) / self.batch_size)
@@ -154,17 +154,16 @@ class InMemoryPath:
             self.augment = BatchAugment(*self.dm.normalization(), self.dm.crop_padding, self.dm.hflip, self.dm.rotation)
         return TensorImages(*source, indices)
 
-    def loader(self, dataset: TensorImages, sampler: Sampler | None, generator: torch.Generator) -> DataLoader:
+    def loader(self, dataset: TensorImages, sampler: Sampler | None, generator: torch.Generator) -> TensorBatches:
         """Batches sliced on the training device where the split takes under half its free memory (else on the
-        host; val shares train's copy there); `default_convert` passes on the batches `__getitems__` returns."""
+        host; val shares train's copy there)."""
         device = self.dm.trainer.strategy.root_device if self.dm.trainer else torch.device("cpu")
         key = id(dataset.images)
         if device.type != "cpu" and (key in self.on_device or dataset.images.nbytes < available_memory(device) / 2):
             if key not in self.on_device:
                 self.on_device[key] = (dataset.images.to(device), dataset.labels.to(device))
             dataset = TensorImages(*self.on_device[key], dataset.indices.to(device))
-        batches = SlicedBatches(sampler or SequentialSampler(dataset), self.dm.batch_size, dataset.images.device)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=default_convert, generator=generator)
+        return TensorBatches(dataset, sampler or SequentialSampler(dataset), self.dm.batch_size)
 
     def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batches normalized (and augmented, in training) on their device."""

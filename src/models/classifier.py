@@ -1,16 +1,10 @@
-"""ClassifierModule: cross-entropy training of any architecture (src/models), with torchmetrics metrics, the
-optimizer and schedule, test-time augmentation and temperature. It knows nothing about datasets: class
-names, input shape and normalization arrive as arguments and are saved in the checkpoint, so a checkpoint is
-usable alone (src/runs/checkpoints.py `open_run`).
-
-What it hands to the rest of the project (its whole interface besides Lightning's hooks):
-- `validation_step`/`test_step` return `{"logits": ...}` (detached), which Lightning passes to callbacks as
-  `outputs` (the prediction figures, calibration);
-- `predict_step(images)`: class probabilities with the run's test-time augmentation and temperature;
-- after `trainer.test(...)`, `module.test_result` is the `TestResult` of that test epoch, which the entry
-  points hand to `src.runs.reports.report_run`; scalar metrics come back from `trainer.validate/test`;
-- after `trainer.fit(...)`, `module.sanity_check_acc` is the val accuracy of fit's sanity check (None if it
-  had none).
+"""ClassifierModule: cross-entropy training of any network of src/models, with torchmetrics metrics, the
+optimizer and schedule, test-time augmentation and temperature. It knows no dataset: class names, input shape
+and normalization are arguments, saved in the checkpoint, so a checkpoint is usable alone. Its interface
+besides Lightning's hooks: `validation_step`/`test_step` return `{"logits": ...}` (callbacks get them as
+`outputs`); `predict_step(images)` gives probabilities; after `trainer.test`, `test_result` holds what the
+test epoch measured beyond the logged scalars; after `trainer.fit`, `sanity_check_acc` is the accuracy of
+fit's sanity check (for a fresh fit, the untrained accuracy).
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCalibrationError,
@@ -44,15 +38,9 @@ ECE_BINS = 15  # expected calibration error and the reliability diagram: 15 equa
 
 
 def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
-    """The logits of `x` (N, C, H, W) averaged over the views of test-time augmentation `tta`, as airbench:
-
-    - "none": forward(x);
-    - "mirror": 1/2 x + 1/2 hflip(x);
-    - "mirror_translate": 1/2 of "mirror", plus 1/4 of "mirror" of x moved one pixel down and right, plus
-      1/4 of "mirror" of x moved one pixel up and left (each shift reflect-pads the opposite border).
-
-    Logits, not probabilities, are averaged; eval-mode BN makes each view's logits independent of the
-    others in the batch."""
+    """The logits of `x` (N, C, H, W) averaged over the views of test-time augmentation `tta`, as airbench: "none";
+    "mirror" (1/2 x + 1/2 hflip(x)); "mirror_translate" (1/2 "mirror" of x, 1/4 of x moved one pixel down and
+    right, 1/4 of x moved up and left, each shift reflect-padded). Logits, not probabilities, are averaged."""
     if tta == "none":
         return forward(x)
 
@@ -86,9 +74,9 @@ def warmup_then_decay(
 
 @dataclass(frozen=True)
 class TestResult:
-    """What one test epoch measured beyond the logged scalars (synchronized across DDP processes)."""
+    """What one test epoch measured beyond the logged scalars (over all DDP processes); per class by name."""
 
-    acc_per_class: dict[str, float]  # by class name, as the three below
+    acc_per_class: dict[str, float]
     confusion_matrix: list[list[int]]  # rows = true class, columns = predicted class
     precision: dict[str, float]
     recall: dict[str, float]
@@ -134,9 +122,10 @@ class ClassifierModule(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
+        # Training loss and accuracy: each step's loss and correct predictions kept on the device (no op beyond
+        # an argmax and a compare), summed once an epoch: metric objects cost more per step than a small model.
+        self.train_steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         # validate_args=False: the checks read values back from the device, a host sync on every step.
-        self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
-        self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check would read the loss back every step
         # Val needs only the accuracy that checkpoints and sweeps watch; test reports per class, the confusion
         # matrix, calibration (ECE) and top-5 accuracy where it means something (one update for all).
         test = {
@@ -177,23 +166,26 @@ class ClassifierModule(L.LightningModule):
         return tta_logits(self, images, self.tta).float().softmax(dim=-1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Kept lean: metrics only accumulate on the device here (no host sync); `self.log` (about 0.2 ms a
-        call on CPU) runs only on the trainer's logging steps, and the epoch values once per epoch."""
+        """Kept lean: no host sync; `self.log` (about 0.2 ms a call on CPU) only on the trainer's logging steps."""
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        self.train_acc.update(logits.detach(), y)
-        self.train_loss.update(loss.detach().expand(len(y)))  # one value per image: the epoch mean is per image
+        self.train_steps.append((loss.detach(), logits.detach().argmax(dim=1) == y))
         every = self.trainer.log_every_n_steps  # 0: no per-step logging, as in Lightning
         if every and (self.global_step + 1) % every == 0:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss_epoch", self.train_loss.compute(), prog_bar=True)
-        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
-        self.train_loss.reset()
-        self.train_acc.reset()
+        """The epoch's mean loss per image and accuracy, over all processes."""
+        if self.train_steps:
+            losses, correct = zip(*self.train_steps, strict=True)
+            sizes = torch.tensor([len(c) for c in correct], device=losses[0].device)
+            sums = torch.stack([(torch.stack(losses) * sizes).sum(), torch.cat(correct).sum(), sizes.sum()])
+            loss_sum, right, seen = self.trainer.strategy.reduce(sums.double(), reduce_op="sum").tolist()
+            self.log("train/loss_epoch", loss_sum / seen, prog_bar=True)
+            self.log("train/acc", right / seen, prog_bar=True)
+        self.train_steps.clear()
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
@@ -209,9 +201,7 @@ class ClassifierModule(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        """compute() syncs across DDP processes, so every image is counted exactly once. The accuracy of
-        fit's sanity check (its first `num_sanity_val_steps` val batches, before any step) is kept as
-        `sanity_check_acc`: for a fresh fit, the untrained accuracy."""
+        """compute() syncs across DDP processes, so every image is counted exactly once."""
         acc = self.eval_metrics["val"].compute()["acc"]
         if self._trainer is not None and self.trainer.sanity_checking:
             self.sanity_check_acc = float(acc)
@@ -274,13 +264,13 @@ class ClassifierModule(L.LightningModule):
 
 
 def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> list[tuple[float, float, int]]:
-    """(mean confidence, accuracy, images) per equal-width confidence bin: the reliability diagram's bars,
-    from the same per-image confidences torchmetrics' calibration error keeps."""
+    """(mean confidence, accuracy, images) per equal-width confidence bin (an empty one: its centre, 0, 0): the
+    reliability diagram's bars, from the per-image confidences torchmetrics' calibration error keeps."""
     index = torch.clamp((confidences * ECE_BINS).long(), max=ECE_BINS - 1)
-    bins = []
-    for b in range(ECE_BINS):
-        inside = index == b
-        count = int(inside.sum())
-        bins.append((float(confidences[inside].mean()), float(correct[inside].float().mean()), count) if count else
-                    ((b + 0.5) / ECE_BINS, 0.0, 0))  # fmt: skip
-    return bins
+    count = torch.bincount(index, minlength=ECE_BINS)
+    sums = torch.zeros(2, ECE_BINS, dtype=torch.float64).index_add_(
+        1, index, torch.stack([confidences.double(), correct.double()])
+    )
+    empty = torch.stack([(torch.arange(ECE_BINS) + 0.5) / ECE_BINS, torch.zeros(ECE_BINS)]).double()
+    mean = torch.where(count > 0, sums / count.clamp(min=1), empty)
+    return list(zip(mean[0].tolist(), mean[1].tolist(), count.tolist(), strict=True))

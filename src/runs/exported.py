@@ -1,9 +1,6 @@
-"""Models written by src.export, opened for inference by src.export (its parity check) and src.predict.
-
-NAME.onnx is a graph of standard operators run by onnxruntime; NAME.pt is TorchScript, a program that
-torch.jit.load runs (use only your own or trusted files). Either carries its metadata (class names, input
-shape, mean and std already applied inside) and maps images in [0, 1] to logits.
-"""
+"""Models written by src.export, opened for inference by src.export (its parity check) and src.predict: NAME.onnx
+(a graph of standard operators, run by onnxruntime) or NAME.pt (TorchScript: a program torch.jit.load runs,
+so only your own or trusted ones), with their metadata; images in [0, 1] in, logits out."""
 
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ METADATA = ("class_names", "input_shape", "mean", "std")
 
 
 class ExportError(UserError):
-    """A model that cannot be exported, an export that disagrees with PyTorch, or an exported file we cannot
-    read: one line, exit status 1."""
+    """A model that cannot be exported, an export that disagrees with PyTorch, or an exported file we cannot read."""
 
 
 def first_line(error: BaseException) -> str:
@@ -37,7 +33,7 @@ def first_line(error: BaseException) -> str:
 
 @contextmanager
 def quiet_torch_jit() -> Iterator[None]:
-    """torch.jit.trace/save/load each warn that TorchScript is deprecated: said once in the docs instead."""
+    """torch.jit.trace/save/load each warn that TorchScript is deprecated: the docs say it once."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
         yield
@@ -75,8 +71,7 @@ def _read_metadata(values: Mapping[str, str | bytes], name: str) -> dict[str, An
 
 
 def open_exported(data: bytes, fmt: str, name: str, device: str | torch.device = "cpu") -> Exported:
-    """An exported model from its file's bytes: ONNX run by onnxruntime, TorchScript by torch.jit.load.
-    `name` (the file) goes into error messages."""
+    """An exported model from its file's bytes; `name` (the file) goes into error messages."""
     device = torch.device(device)
     if fmt == "onnx":
         import onnxruntime as ort

@@ -14,6 +14,7 @@ import json
 import logging
 import shlex
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,21 +42,14 @@ log = logging.getLogger(__name__)
 # Overrides that say where a run writes, whether it resumes or what it trusts, not what it computes.
 NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=", "trusted_packages=")
 # Settings a resumed run may change: training longer is what resuming is for; the rest only changes what
-# the console shows, never a result.
-RESUMABLE_CHANGES = (
-    "trainer.max_epochs",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "callbacks.progress_bar",
-    "compile",
-)
+# the console shows or how fast, never a result.
+RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                     "callbacks.progress_bar", "compile")  # fmt: skip
 
 
-def build_trainer(
-    cfg: DictConfig, only: tuple[str, ...] | None = None, extra: list[L.Callback] | tuple = ()
-) -> L.Trainer:
+def build_trainer(cfg: DictConfig, only: tuple[str, ...] | None = None, extra: Sequence[L.Callback] = ()) -> L.Trainer:
     """The Trainer with the config's callbacks (those named in `only`, if given) and `extra`, its loggers, and
-    checkpoints that are written atomically and read with weights_only=True."""
+    checkpoints written atomically and read with weights_only=True."""
     chosen = [c for name, c in (cfg.get("callbacks") or {}).items() if c and (only is None or name in only)]
     callbacks = [c for c in map(instantiate, chosen) if c is not None] + list(extra)  # a factory may give none
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -79,13 +73,9 @@ def _settings(overrides: Path | list[str]) -> list[str]:
 def find_last_checkpoint(runs_root: Path, overrides: list[str]) -> Path:
     """`last.ckpt` of the most recent run under `runs_root` started with the same settings."""
     wanted = _settings(overrides)
-    candidates = [
-        path.parent.parent / "checkpoints" / "last.ckpt"
-        for path in runs_root.glob("**/.hydra/overrides.yaml")
-        if _settings(path) == wanted
-    ]
-    candidates = [c for c in candidates if c.is_file()]
-    if not candidates:
+    found = (p.parent.parent / "checkpoints" / "last.ckpt" for p in runs_root.glob("**/.hydra/overrides.yaml")
+             if _settings(p) == wanted)  # fmt: skip
+    if not (candidates := [c for c in found if c.is_file()]):
         raise ConfigError(f"resume=true: no run under {runs_root}/ with overrides {wanted} has checkpoints/last.ckpt")
     return max(candidates, key=lambda c: c.stat().st_mtime)
 
@@ -109,11 +99,10 @@ def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
 
 
 def resume_from(cfg: DictConfig) -> None:
-    """`ckpt_path=PATH` or `resume=true`: continue the run that wrote the checkpoint, in its own directory,
-    so its best-checkpoint tracking, TensorBoard curves and metrics.json carry on. A run directory that
-    already holds a run is continued too, never overwritten (so a requeued job picks up where it stopped).
-    Refused when any setting except RESUMABLE_CHANGES differs from that run's: its results would otherwise
-    be silently rewritten."""
+    """`ckpt_path=PATH` or `resume=true`: continue the run that wrote the checkpoint, in its own directory, so its
+    best-checkpoint tracking, TensorBoard curves and metrics.json carry on. A run directory that already holds a
+    run is continued too, never overwritten (a requeued job picks up where it stopped). Refused when a setting
+    other than RESUMABLE_CHANGES differs from that run's: its results would otherwise be silently rewritten."""
     if cfg.resume and cfg.ckpt_path is None:
         cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -152,9 +141,7 @@ def resume_command(cfg: DictConfig) -> str:
         found = find_last_checkpoint(Path(cfg.paths.runs_root), overrides).resolve() == last
     except ConfigError:
         found = False
-    if found:
-        return shlex.join(["python", "-m", "src.train", *overrides, "resume=true"])
-    return shlex.join(["python", "-m", "src.train", *overrides, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])
+    return shlex.join(["python", "-m", "src.train", *overrides, "resume=true" if found else f"ckpt_path={last}"])
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
@@ -162,10 +149,9 @@ def write_status(run_dir: Path, status: dict[str, Any]) -> None:
 
 
 class RunRecord:
-    """`with RunRecord(cfg) as record:` around a training run writes `job_status.json` however it ends,
-    and turns Ctrl-C or SIGTERM into a `RunInterrupted` that says how to continue. SIGTERM (a scheduler's
-    stop, `kill`) is handled like Ctrl-C, so both take one path, also while data is being prepared.
-    Set `record.trainer` once it exists: it tells the epoch reached."""
+    """`with RunRecord(cfg) as record:` around a training run writes `job_status.json` however it ends, and turns
+    Ctrl-C or SIGTERM (a scheduler's stop, `kill`; handled alike) into a `RunInterrupted` that says how to
+    continue. Set `record.trainer` once it exists: it tells the epoch reached."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg

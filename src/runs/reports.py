@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
-import torch
+import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from omegaconf import OmegaConf
@@ -121,11 +121,7 @@ def report_run(
     output_dir = Path(output_dir)
     write_atomically(output_dir / "metrics.json", json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
     names = metrics["class_names"]
-    from torchmetrics.classification import MulticlassConfusionMatrix  # matplotlib only when a run ends
-
-    fig, _ = MulticlassConfusionMatrix(len(names)).plot(torch.tensor(result.confusion_matrix), labels=names)
-    fig.set_size_inches(max(6, 0.6 * len(names)), max(6, 0.6 * len(names)))
-    save_figure(fig, trainer, output_dir, "confusion_matrix")
+    save_figure(confusion_figure(result.confusion_matrix, names), trainer, output_dir, "confusion_matrix")
     save_figure(
         reliability_diagram(result.reliability, metrics.get("test/ece")), trainer, output_dir, "reliability_diagram"
     )
@@ -134,6 +130,22 @@ def report_run(
             logger.log_metrics({"val/acc_untrained": untrained_acc}, step=0)
         _log_hparams(logger, module, metrics, overrides)
     return metrics
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> Figure:
+    """Counts per (true, predicted) class, darker for more."""
+    from matplotlib.figure import Figure
+
+    n, most = len(names), max(max(row) for row in matrix)
+    fig = Figure(figsize=(max(6, 0.6 * n), max(6, 0.6 * n)))
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, most))
+    for (i, j), count in np.ndenumerate(np.asarray(matrix)):
+        ax.text(j, i, count, ha="center", va="center", color="white" if count > most / 2 else "black", fontsize=8)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class", title="Confusion matrix")
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    return fig
 
 
 def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> Figure:

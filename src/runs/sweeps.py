@@ -13,6 +13,7 @@ import json
 import os
 import re
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,56 +39,36 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per run directory (a folder with `.hydra/overrides.yaml`) under `sweep_dir`."""
+    """One row per run directory (a folder with `.hydra/overrides.yaml`) under `sweep_dir`, 2_... before 10_..."""
     rows = []
-
-    def natural(path: Path) -> list[Any]:  # runs 2_... before 10_...
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-    for overrides_file in sorted(sweep_dir.glob("**/.hydra/overrides.yaml"), key=natural):
+    found = sweep_dir.glob("**/.hydra/overrides.yaml")
+    for overrides_file in sorted(
+        found, key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(p))]
+    ):
         run_dir = overrides_file.parent.parent
-        overrides = [o for o in OmegaConf.load(overrides_file) if not str(o).startswith("hydra.")]
         metrics, job = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "job_status.json")
-        # No job_status.json: still running, or killed outright (SIGKILL, power loss).
-        status = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")
         resume = job.get("resume_command")
-        row = {
+        rows.append({
             "run": str(run_dir.relative_to(sweep_dir)),
-            "status": status,
-            "overrides": " ".join(overrides),
+            # No job_status.json: still running, or killed outright (SIGKILL, power loss).
+            "status": job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE"),
+            "overrides": " ".join(o for o in OmegaConf.load(overrides_file) if not str(o).startswith("hydra.")),
             "error": job.get("error") or (f"continue with: {resume}" if resume else ""),
             "wall_time_s": round(job["wall_time_s"], 1) if "wall_time_s" in job else None,
-            "epochs": metrics.get("epochs"),
-        }
-        row.update({k: metrics.get(k) for k in COLUMNS if k.startswith(("val/", "test/"))})
-        rows.append(row)
+            **{k: metrics.get(k) for k in COLUMNS if k.startswith(("val/", "test/", "epochs"))},
+        })  # fmt: skip
     return rows
-
-
-def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Best first by `metric` (ascending for losses, descending otherwise); failed runs last."""
-    sign = 1 if "loss" in metric else -1
-
-    def key(row: dict[str, Any]) -> tuple[int, float]:
-        value = row.get(metric)
-        return (0, sign * value) if isinstance(value, (int, float)) else (1, 0.0)
-
-    return sorted(rows, key=key)
 
 
 def aggregate_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over completed runs whose overrides differ only by GROUPED_BY (repeats with other seeds,
     the folds of a cross-validation)."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        overrides = row["overrides"].split()
-        if row["status"] == "COMPLETED" and any(o.startswith(GROUPED_BY) for o in overrides):
-            rest = " ".join(o for o in overrides if not o.startswith(GROUPED_BY))
-            groups.setdefault(rest, []).append(row)
+    for row in (r for r in rows if r["status"] == "COMPLETED" and any(o.startswith(GROUPED_BY) for o in
+                                                                        r["overrides"].split())):  # fmt: skip
+        groups.setdefault(" ".join(o for o in row["overrides"].split() if not o.startswith(GROUPED_BY)), []).append(row)
     table = []
-    for overrides, group in groups.items():
-        if len(group) < 2:
-            continue
+    for overrides, group in ((o, g) for o, g in groups.items() if len(g) > 1):
         entry: dict[str, Any] = {"overrides": overrides, "runs": len(group)}
         for key in STATS:
             values = [r[key] for r in group if isinstance(r.get(key), (int, float))]
@@ -103,50 +84,36 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str]) -> str:
+def _table(rows: list[dict[str, Any]], columns: Sequence[str], csv_file: Path, extra: Sequence[str] = ()) -> str:
+    """`rows` written to `csv_file` (with the `extra` columns); returned as Markdown."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*columns, *extra], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(csv_file, buffer.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def drop_common_overrides(rows: list[dict[str, Any]]) -> list[str]:
-    """Keep in each row only the overrides that vary across runs (what the sweep swept); return the rest."""
-    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
-    for row in rows:
-        row["overrides"] = " ".join(o for o in row["overrides"].split() if o not in common)
-    return sorted(common)
+    return "\n".join(lines + ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows])
 
 
 def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
-    """Write summary.csv and summary.md into `sweep_dir`; return the Markdown."""
-    rows = sort_rows(collect(sweep_dir), metric)
-    common = drop_common_overrides(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS, "error"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(sweep_dir / "summary.csv", buffer.getvalue())
-    text = f"# Sweep {sweep_dir}\n\nEvery run: {' '.join(common) or '(no common overrides)'}\n"
-    text += f"Sorted by {metric}.\n\n" + markdown(rows, COLUMNS)
-    for status, title in (
-        ("FAILED", "Failed runs"),
-        ("INTERRUPTED", "Interrupted runs (Ctrl-C or SIGTERM)"),
-        ("INCOMPLETE", "Runs without a result (still running, or killed outright)"),
-    ):
-        these = [r for r in rows if r["status"] == status]
-        if these:
-            lines = [f"- {r['run']} ({r['overrides']}) {r['error']}".rstrip() for r in these]
-            text += f"\n\n{title}:\n" + "\n".join(lines)
-    groups = aggregate_groups(rows)
-    if groups:
+    """Write summary.csv and summary.md (and summary_groups.csv) into `sweep_dir`, best first by `metric`
+    (ascending for losses), runs without it last; return the Markdown."""
+    sign = 1 if "loss" in metric else -1
+    rows = sorted(collect(sweep_dir), key=lambda r: (0, sign * r[metric]) if isinstance(r.get(metric), (int, float))
+                  else (1, 0.0))  # fmt: skip
+    common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+    for row in rows:  # each row keeps only what the sweep varied
+        row["overrides"] = " ".join(o for o in row["overrides"].split() if o not in common)
+    text = f"# Sweep {sweep_dir}\n\nEvery run: {' '.join(sorted(common)) or '(no common overrides)'}\n"
+    text += f"Sorted by {metric}.\n\n" + _table(rows, COLUMNS, sweep_dir / "summary.csv", ["error"])
+    for status, title in (("FAILED", "Failed runs"), ("INTERRUPTED", "Interrupted runs (Ctrl-C or SIGTERM)"),
+                          ("INCOMPLETE", "Runs without a result (still running, or killed outright)")):  # fmt: skip
+        if these := [f"- {r['run']} ({r['overrides']}) {r['error']}".rstrip() for r in rows if r["status"] == status]:
+            text += f"\n\n{title}:\n" + "\n".join(these)
+    if groups := aggregate_groups(rows):
         columns = ["overrides", "runs", *(f"{k} {s}" for k in STATS for s in ("mean", "std"))]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(groups)
-        write_atomically(sweep_dir / "summary_groups.csv", buffer.getvalue())
         text += "\n\n## Over seeds and folds (mean and std of runs that differ only by seed or dataset.fold)\n\n"
-        text += markdown(groups, columns)
+        text += _table(groups, columns, sweep_dir / "summary_groups.csv")
     write_atomically(sweep_dir / "summary.md", text + "\n")
     return text
 

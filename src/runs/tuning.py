@@ -33,7 +33,11 @@ def find_lr(trainer: L.Trainer, module: ClassifierModule, datamodule: L.Lightnin
     suggestion = finder.suggestion() if finder is not None else None
     if suggestion is None:
         raise UserError("lr_find=true: the learning-rate finder found no suggestion (too few training steps?)")
-    save_figure(finder.plot(suggest=True), trainer, Path(output_dir), "lr_find")
+    import matplotlib.pyplot as plt  # Lightning draws the curve with pyplot
+
+    figure = finder.plot(suggest=True)
+    save_figure(figure, trainer, Path(output_dir), "lr_find")
+    plt.close(figure)
     module.optimizer = functools.partial(module.optimizer, lr=suggestion)
     if module.scheduler is not None and "max_lr" in getattr(module.scheduler, "keywords", {}):
         module.scheduler = functools.partial(module.scheduler, max_lr=suggestion)

@@ -1,13 +1,6 @@
-"""What every Hydra entry point does around its body: `@entry_point("train")` in place of `@hydra.main`.
-
-- the config comes from conf/NAME.yaml;
-- a quiet console: Lightning's advertisements and its "GPU/TPU available: False" lines on machines without
-  one are dropped (errors and the warnings that matter stay);
-- glibc keeps freed memory, so CPU steps do not page-fault their activations in afresh;
-- the error story of src/utils/errors.py: a user's mistake is one line and exit 1, a bug a traceback.
-
-Nothing here imports torch: `--help` and config errors answer without it.
-"""
+"""What every Hydra entry point does around its body (`main = entry_point("train")(train)`): conf/NAME.yaml,
+a quiet console (no Lightning advertisements or "GPU available: False" lines), glibc keeping freed memory,
+and the error story of src/utils/errors.py. Nothing here imports torch: `--help` answers without it."""
 
 from __future__ import annotations
 
@@ -63,8 +56,6 @@ def keep_freed_memory() -> None:
 
 
 def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """`main = entry_point("train")(train)`: a Hydra main of conf/`config_name`.yaml running `body(cfg)`."""
-
     def wrap(body: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @hydra.main(version_base="1.3", config_path=CONF, config_name=config_name)
         def main(cfg: DictConfig) -> Any:

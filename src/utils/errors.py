@@ -1,11 +1,7 @@
-"""One error story for every entry point (train, evaluate, predict, export, summarize).
-
-A user's mistake (a config value, a data folder, a path, a checkpoint we refuse) is a `UserError` and
-ends the command with one line on stderr and exit status 1. Anything else is a bug: its full traceback
-stays on stderr (Hydra prints it) and is also written to the run's log file. Inside a sweep every
-error is re-raised, so Hydra marks just that job failed and goes on with the next. Ctrl-C and SIGTERM
-end as a `RunInterrupted` whose message says what was kept and how to go on.
-"""
+"""One error story for every entry point: a user's mistake (a config value, a data folder, a checkpoint we
+refuse) is a `UserError`, one line on stderr and exit status 1; anything else is a bug and keeps its traceback
+(on stderr and in the run's log file). In a sweep every error is re-raised, so Hydra marks just that job
+failed. Ctrl-C and SIGTERM end as a `RunInterrupted` whose message says what was kept and how to go on."""
 
 from __future__ import annotations
 
@@ -31,8 +27,7 @@ class UserError(Exception):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the command; the message says how to continue. A KeyboardInterrupt, so a
-    sweep stops too instead of going on with its next job."""
+    """Ctrl-C or SIGTERM stopped the command (a KeyboardInterrupt: a sweep stops too)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -44,31 +39,28 @@ class Terminated(KeyboardInterrupt):
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
-    """The shell's convention: 128 + the signal's number."""
     return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside, SIGTERM raises `Terminated` (outside the main thread, where handlers cannot be set: nothing)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """Inside, SIGTERM raises `Terminated` (in the main thread: only there can handlers be set)."""
 
     def terminate(signum: int, frame: object) -> None:
         raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def is_user_error(error: BaseException) -> bool:
-    """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build (a missing `???` value, a
-    `_target_` Hydra cannot import, one whose constructor raises a UserError). Bare ValueErrors and
-    TypeErrors are not: torch raises them for bugs (src/utils/config.py checks names and types first)."""
+    """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build. Not bare ValueErrors and
+    TypeErrors: torch raises them for bugs (src/utils/config.py checks names and types first)."""
     if isinstance(error, (UserError, MissingMandatoryValue)):
         return True
     if isinstance(error, InstantiationException):  # Hydra could not build what the config names
@@ -101,8 +93,7 @@ def _log_file_only(level: int, message: str, exc_info: BaseException | None = No
 
 
 def report_errors(command: Callable[[], T]) -> T:
-    """Run an entry point's body: a user error is one line on stderr and exit 1 (re-raised in a sweep);
-    an interruption is its message and its exit code; a bug keeps its traceback (stderr and log file)."""
+    """Run an entry point's body with the error story of the module docstring."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return command()

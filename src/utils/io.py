@@ -1,11 +1,9 @@
-"""Atomic file writes: the one writer of every file a run leaves (checkpoints, metrics.json, job status, the
-decoded-image cache, staged IDX files, exported models, sweep tables).
+"""The one writer of every file a run leaves (checkpoints, metrics.json, job status, the image cache, exports).
 
 A file is written under a temporary name in its own folder and renamed over the target, so an interrupted
-write never looks complete and never crosses file systems. The temporary name carries the writer's host and
-pid: the next writer removes the temporary files whose process is gone (or that are a day old, e.g. left by
-another host of a shared file system) and leaves a parallel writer's alone (a sweep job, a DDP rank, still
-writing its own copy). Files get the usual permissions (0666 less the umask).
+write never looks complete. The temporary name carries the writer's host and pid: the next writer removes
+those whose process is gone (or a day old: another host) and leaves a parallel writer's alone (a sweep job,
+a DDP rank). Files get the usual permissions (0666 less the umask), not mkstemp's 0600.
 """
 
 from __future__ import annotations
