@@ -1,5 +1,5 @@
-"""What a run shows on the console: a progress bar on a terminal, one line per epoch where output goes to a
-file (a log, a SLURM job) instead of thousands of bar redraws, and the model summary at the start."""
+"""What a run shows on the console while training: a progress bar on a terminal, one line per epoch where output
+goes to a file (a log, a SLURM job) instead of thousands of bar redraws."""
 
 from __future__ import annotations
 
@@ -8,21 +8,7 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
-
-
-class ParameterSummary(ModelSummary):
-    """Lightning's model summary without its FLOPs column and total: they read 0 unless the module declares
-    an example input, which the datamodules' batch hooks do not take."""
-
-    @staticmethod
-    def summarize(summary_data: list[tuple[str, list[str]]], *args: Any, **kwargs: Any) -> None:
-        ModelSummary.summarize([column for column in summary_data if column[0] != "FLOPs"], *args, **kwargs)
-
-
-def model_summary(enabled: bool = True, max_depth: int = 1) -> ModelSummary | None:
-    """The summary at the start of fitting; `trainer.enable_model_summary` is its switch."""
-    return ParameterSummary(max_depth=max_depth) if enabled else None
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 
 class EpochLines(ProgressBar):

@@ -1,11 +1,5 @@
-"""Callbacks for the training choices of the CIFAR-10 speed runs (airbench), usable by any run:
-
-- `EMA` (`ema_decay=0.99`, conf/callbacks/default.yaml): Lightning's `WeightAveraging` with torch's
-  `get_ema_multi_avg_fn`; validation, test and checkpoints see the average;
-- `WhitenStem` (`model.whiten=true`, BNConvNet and AirbenchNet; ClassifierModule attaches it): the stem conv's
-  filters are set once, at the start of a fresh fit, from the eigen-decomposition of the second moment of the
-  stem-sized patches of the first training images as the datamodule delivers them (normalized).
-"""
+"""Callbacks for two training choices of the CIFAR-10 speed runs (airbench), usable by any run: an EMA of the
+weights (`ema_decay=0.99`) and a whitened first layer (`model.whiten=true`; ClassifierModule attaches it)."""
 
 from __future__ import annotations
 
@@ -24,18 +18,12 @@ from src.utils.errors import UserError
 log = logging.getLogger(__name__)
 
 
-# --- exponential moving average of the weights -----------------------------------------------------------
 class EMA(WeightAveraging):
-    """Lightning's `WeightAveraging` keeping an exponential moving average of the weights and buffers (BN
-    statistics too), updated after every optimizer step: avg = decay * avg + (1 - decay) * weights (the
-    first update copies the weights). Lightning swaps the average in for every validation epoch, copies it
-    into the model when training ends, and writes it as the checkpoint's `state_dict` (the training weights
-    go to `current_model_state`, from which a resumed fit continues), so best-checkpoint selection,
-    evaluate, predict and export all use the average.
-
-    One change to Lightning's callback: the average is dropped when `fit` ends. Otherwise the later
-    `trainer.validate/test(ckpt_path="best")` of src/train.py would load the checkpoint's training weights
-    (`current_model_state`) and validation would swap in the final average rather than the best one."""
+    """Lightning's `WeightAveraging` with an exponential moving average of the weights and buffers after every
+    optimizer step (avg = decay * avg + (1 - decay) * weights; the first copies them). Validation, the checkpoints'
+    `state_dict` (the training weights go to `current_model_state`, from which a resumed fit continues), evaluate,
+    predict and export all see the average. One change: the average is dropped when `fit` ends, or the later
+    `validate/test(ckpt_path="best")` of src/train.py would swap in the final average, not the best one."""
 
     def __init__(self, decay: float = 0.99, device: str | None = None) -> None:
         if not 0.0 < decay < 1.0:
@@ -61,7 +49,6 @@ def ema(decay: float | None = None, device: str | None = None) -> EMA | None:
     return None if decay is None else EMA(decay, device)
 
 
-# --- first-layer whitening -------------------------------------------------------------------------------
 def patch_moment(images: torch.Tensor, kernel_size: int) -> tuple[torch.Tensor, int]:
     """sum(p p^T) over all `kernel_size` x `kernel_size` patches p (flattened channel-major, as a conv
     weight) lying fully inside the images, and their count."""
@@ -71,13 +58,9 @@ def patch_moment(images: torch.Tensor, kernel_size: int) -> tuple[torch.Tensor, 
 
 
 def whitening_filters(moment: torch.Tensor, n_filters: int, eps: float = 5e-4) -> torch.Tensor:
-    """airbench's whitening filters from the patches' second moment S (d x d): eigenvectors v_i of S,
-    largest eigenvalue first, scaled by 1/sqrt(lambda_i + eps), so filter i's output over the patches has
-    second moment lambda_i / (lambda_i + eps) (about 1) and the outputs are uncorrelated. As in airbench
-    each direction comes as a +v/-v pair (the BN and GELU after the conv are not symmetric in sign): the
-    result holds the pairs of the top k = min(d, n_filters // 2) directions, [v_1..v_k, -v_1..-v_k], shape
-    (2k, d). With fewer than 2d filters the weakest directions are left out; airbench's CIFAR-10 net has
-    exactly 2d (24 for its 2x2 stem)."""
+    """airbench's whitening filters from the patches' second moment S (d x d): the eigenvectors v_i of the top
+    k = min(d, n_filters // 2) eigenvalues, scaled by 1/sqrt(lambda_i + eps) (uncorrelated outputs of second
+    moment about 1), each as a +v/-v pair (BN and GELU after the conv are not symmetric in sign): (2k, d)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(moment.double())  # ascending
     k = min(moment.shape[0], n_filters // 2)
     top_values, top_vectors = eigenvalues.flip(0)[:k], eigenvectors.flip(1)[:, :k]
@@ -86,14 +69,10 @@ def whitening_filters(moment: torch.Tensor, n_filters: int, eps: float = 5e-4) -
 
 
 class WhitenStem(L.Callback):
-    """At the start of a fresh fit (not a resumed one), for a network with `whiten = True` (BNConvNet with
-    `model.whiten=true`): sets the first 2k filters of its stem conv (`net.stem_conv`) to
-    `whitening_filters` of the 3x3 patches of the first `images` training images, read from the
-    datamodule's training loader and moved to the device through the datamodule's transfer hooks, so they
-    are normalized as the model sees them but, as in airbench, not augmented (the trainer is out of its
-    training stage while they are read; the per-sample path's own transforms do apply). Filters beyond 2k
-    keep their random initialization; the whitened filters go on training with the rest. Under DDP the
-    second moment is averaged over processes, so every process sets the same weights."""
+    """At the start of a fresh fit, for a network with `whiten = True`: the first 2k filters of its stem conv
+    (`net.stem_conv`) become `whitening_filters` of the stem-sized patches of the first `images` training images,
+    normalized as the model sees them but, as in airbench, not augmented. The second moment is averaged over DDP
+    processes, so each sets the same weights."""
 
     def __init__(self, images: int = 5000, eps: float = 5e-4) -> None:
         self.images, self.eps = images, eps

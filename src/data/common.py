@@ -209,6 +209,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.test_set = self.path.view(source, None, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, torch.Tensor):  # the model summary's example input, not a batch of ours
+            return batch
         assert self.path is not None, "call setup() first"
         return self.path.after_transfer(batch, train=self.trainer is not None and self.trainer.training)
 

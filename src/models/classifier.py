@@ -117,6 +117,7 @@ class ClassifierModule(L.LightningModule):
         if self.tta not in TTA_CHOICES:
             raise UserError(f"tta={self.tta!r} is not a test-time augmentation; choose one of {', '.join(TTA_CHOICES)}")
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.example_input_array = torch.zeros(1, *input_shape)  # the model summary's sizes and FLOPs
         if compile:
             self.net.compile()
         self.optimizer, self.scheduler = optimizer, scheduler

@@ -23,18 +23,8 @@ from src.utils.io import write_atomically
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-SUMMARY_KEYS = (
-    "lr_find/suggestion",
-    "val/acc_untrained",
-    "val/loss",
-    "val/acc",
-    "test/loss",
-    "test/acc",
-    "test/acc_top5",
-    "test/ece_uncalibrated",
-    "calibration/temperature",
-    "test/ece",
-)
+SUMMARY_KEYS = ("lr_find/suggestion", "val/acc_untrained", "val/loss", "val/acc", "test/loss", "test/acc",
+                "test/acc_top5", "test/ece_uncalibrated", "calibration/temperature", "test/ece")  # fmt: skip
 # Config sections that describe a run's hyper-parameters (for TensorBoard's HPARAMS tab).
 HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_smoothing", "trainer")
 
@@ -89,17 +79,13 @@ def report_run(
     overrides: Sequence[str] = (),
     extra: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """What a tested run reports, from what the entry point measured (the dicts `trainer.validate/test`
-    return, the module's `test_result`, the accuracy before training): the metrics on every rank (train()
-    returns one on each); from rank 0, `metrics.json`, the confusion matrix figure, and the run's
-    hyper-parameters with its final metrics in TensorBoard's HPARAMS tab."""
+    """The metrics of a tested run (on every rank: train() returns one on each) from what the entry point measured;
+    from rank 0, also metrics.json, the two figures and the HPARAMS tab."""
     result = module.test_result
     assert result is not None, "report_run() comes after trainer.test()"
-    untrained = {} if untrained_acc is None else {"val/acc_untrained": untrained_acc}
-    checkpoint = trainer.checkpoint_callback
     chance = chance_level(result.confusion_matrix)
     metrics = {
-        **untrained,
+        **({} if untrained_acc is None else {"val/acc_untrained": untrained_acc}),
         **{k: float(v) for k, v in (val or {}).items() if k.startswith("val/")},
         **{k: float(test[k]) for k in ("test/loss", "test/acc", "test/acc_top5", "test/ece") if k in test},
         **(extra or {}),
@@ -114,7 +100,7 @@ def report_run(
         "class_names": list(module.hparams.class_names),
         "num_parameters": ModelSummary(module).total_parameters,
         "epochs": trainer.current_epoch,
-        "best_checkpoint": getattr(checkpoint, "best_model_path", None) or trainer.ckpt_path,
+        "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or trainer.ckpt_path,
     }
     if not trainer.is_global_zero:
         return metrics

@@ -19,14 +19,11 @@ from src.utils.errors import report_errors
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 # Lightning INFO lines that say nothing about this run.
-NOISE = ("💡 Tip:", "GPU available: False", "TPU available: False", "HPU available: False",
-         "Trainer already configured with model summary callbacks")  # fmt: skip
+NOISE = ("💡 Tip:", "GPU available: False", "TPU available: False", "HPU available: False")
 
 
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.rstrip().endswith("Total Flops"):  # our summary has none
-            record.msg = record.msg.rstrip().rsplit("\n", 1)[0]
         return not str(record.msg).startswith(NOISE)
 
 
@@ -35,7 +32,7 @@ def quiet_console() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).addHandler(logging.StreamHandler())
         logging.getLogger(name).propagate = False
-    for name in ("pytorch.utilities.rank_zero", "fabric.utilities.rank_zero", "pytorch.callbacks.model_summary"):
+    for name in ("pytorch.utilities.rank_zero", "fabric.utilities.rank_zero"):
         logging.getLogger(f"lightning.{name}").addFilter(_DropNoise())
     # Lightning's own use of a torch API that torch 2.14 deprecates: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
