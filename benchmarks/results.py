@@ -1,15 +1,15 @@
-"""Re-measure every figure the README reports and rewrite its result tables (`make results`).
+"""Re-measure every figure RESULTS.md reports and rewrite its tables (`make results`).
 
     python -m benchmarks.results [--only NAME[,NAME]] [--dry-run] [--cifar-dir DIR] [--mnist-dir DIR]
     python -m benchmarks.results --make-cifar-dir DIR [--cifar-tar PATH]
 
-Each table in README.md that holds measured figures sits between two markers,
+Each table in RESULTS.md that holds measured figures sits between two markers,
 `<!-- results:NAME -->` and `<!-- /results:NAME -->`; only the text between them is rewritten, so the rest
-of the README is never touched. Every row names the command it measures; that command runs as a subprocess
+of the file is never touched. Every row names the command it measures; that command runs as a subprocess
 (one at a time), the whole process is timed (wall time), and the test accuracy is read from the run
 directory's metrics.json (`hydra.run.dir=outputs/results/STAMP/JOB`). The evaluate row runs
 `python -m src.evaluate` on the best checkpoint of the `fashion_cnn_adam` run; the throughput table parses
-what `python -m benchmarks.throughput` prints. After each command the README is updated, so an interrupted
+what `python -m benchmarks.throughput` prints. After each command RESULTS.md is updated, so an interrupted
 `make results` keeps what it finished. A row whose command cannot run here (no data, no GPU, or the command
 failed) keeps its current text; the command prints why. The data-paths table is a comparison: selecting
 either of its rows runs both, and its rows are rewritten only when both were measured.
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+RESULTS = REPO / "RESULTS.md"
 RESULTS_ROOT = REPO / "outputs" / "results"
 FASHION_DEFAULT = "/usr/share/datasets/fashion-mnist"
 CIFAR_TAR_DEFAULT = REPO.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
@@ -72,7 +72,7 @@ def region(text: str, name: str) -> str:
     """The text between the two markers of table `name` (exactly one of each, in order)."""
     start, end = markers(name)
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise ValueError(f"README needs exactly one {start} followed by one {end}")
+        raise ValueError(f"RESULTS.md needs exactly one {start} followed by one {end}")
     return text[text.index(start) + len(start) : text.index(end)]
 
 
@@ -463,8 +463,8 @@ def render_region(content: str, table: Table, measured: dict[str, Measurement]) 
     return "\n\n" + "\n\n".join(paragraphs) + "\n\n"
 
 
-def update_readme(path: Path, measured: dict[str, Measurement], tables: list[Table]) -> None:
-    """Rewrite the regions of `tables` (read afresh: others may edit the README meanwhile)."""
+def update_results(path: Path, measured: dict[str, Measurement], tables: list[Table]) -> None:
+    """Rewrite the regions of `tables` (read afresh: others may edit the file meanwhile)."""
     text = path.read_text()
     new = text
     for table in tables:
@@ -507,7 +507,7 @@ def machine() -> str:
         torch = "?"
     git = ["git", "-C", str(REPO)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    # Changes to what runs (code, configs), not to the README this script itself rewrites.
+    # Changes to what runs (code, configs), not to the RESULTS.md this script itself rewrites.
     changes = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md"]
     if subprocess.run(changes, capture_output=True, text=True).stdout.strip():
         head += " with uncommitted changes"
@@ -639,12 +639,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     tables, jobs = selected(args.only)
-    text = Path(args.readme).read_text()
+    text = Path(args.results).read_text()
     for table in tables:  # before anything runs
         try:
             region(text, table.name)
         except ValueError as e:
-            raise SystemExit(f"error: {args.readme}: {e}") from None
+            raise SystemExit(f"error: {args.results}: {e}") from None
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     folder = (Path(args.output) / stamp).resolve()
     order = [name for name in JOBS if name in jobs]  # JOBS lists a job's dependency before it
@@ -655,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         for table in tables:
-            print(f"== {table.name} ({markers(table.name)[0]} in {args.readme})")
+            print(f"== {table.name} ({markers(table.name)[0]} in {args.results})")
             for row in table.rows:
                 if row.job not in jobs:
                     continue
@@ -699,9 +699,9 @@ def run(args: argparse.Namespace) -> int:
         load = f", other processes added {m.other_load:.2f} cores" if m.other_load is not None else ""
         acc = f", test accuracy {percent(m.metrics['test/acc'])}" if "test/acc" in m.metrics else ""
         print(f"{name}: {m.wall_s:.1f} s{acc}{load}", flush=True)
-        update_readme(Path(args.readme), measured, tables)
+        update_results(Path(args.results), measured, tables)
     shutil.rmtree(folder / "data", ignore_errors=True)
-    print(f"README tables updated: {', '.join(t.name for t in tables)}" if measured else "nothing measured")
+    print(f"RESULTS.md tables updated: {', '.join(t.name for t in tables)}" if measured else "nothing measured")
     if failed:
         print(f"failed: {', '.join(failed)} (logs in {folder / 'logs'})", file=sys.stderr)
     return 1 if failed else 0
@@ -770,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cifar-tar", default=str(CIFAR_TAR_DEFAULT), metavar="PATH", help="the CIFAR-10 JPEG training archive"
     )
-    parser.add_argument("--readme", default=str(README), help=argparse.SUPPRESS)
+    parser.add_argument("--results", default=str(RESULTS), help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS_ROOT), help="where the runs go (a folder per invocation)")
     args = parser.parse_args(argv)
     if args.make_cifar_dir:
@@ -781,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
-        print("interrupted; the README keeps what was measured before", file=sys.stderr)
+        print("interrupted; RESULTS.md keeps what was measured before", file=sys.stderr)
         return 130
 
 

@@ -1,17 +1,7 @@
-"""Entry point: export a checkpoint written by src.train to ONNX or TorchScript, checked against PyTorch.
-
-python -m src.export ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt              # -> last.onnx beside it
-python -m src.export ckpt_path=CKPT format=torchscript out=model.pt dataset.data_dir=DIR
-
-The exported model (both formats) maps `images`, float32 (N, C, H, W) in [0, 1] (what ToTensor gives) at the
-checkpoint's input shape, any N, to `logits` (N, num_classes) in the order of class_names: the checkpoint's
-normalization (and a calibrated run's temperature) is inside. Metadata travels in the file, each value JSON:
-class_names, input_shape, mean, std (ONNX: model properties, `session.get_modelmeta().custom_metadata_map`;
-TorchScript: extra files NAME.json). The file is written (atomically) only after a parity check: on
-`parity_images` images of the run's test split, the export must give PyTorch's class with no probability more
-than PARITY_TOLERANCE apart. torch.onnx.export and torch.jit.trace do the work, as LightningModule.to_onnx and
-to_torchscript would without the normalization; TorchScript is deprecated in PyTorch: prefer ONNX.
-"""
+"""Entry point: export a checkpoint to ONNX or TorchScript (deprecated in PyTorch: prefer ONNX), as `python -m
+src.export ckpt_path=CKPT [format=torchscript] [out=FILE]`. The model maps images, float32 (N, C, H, W) in [0, 1],
+any N, to logits; normalization and temperature are inside, class_names, input_shape, mean and std travel as JSON
+metadata. It is written only when it gives PyTorch's classes and probabilities on `parity_images` test images."""
 
 from __future__ import annotations
 
@@ -35,14 +25,6 @@ from src.utils.config import positive_int
 from src.utils.io import write_atomically
 
 PARITY_TOLERANCE = 1e-4  # largest allowed difference of a class probability (fp32)
-
-
-def metadata(module: ClassifierModule) -> dict[str, Any]:
-    """What travels in the exported file: class names, input shape, and the normalization inside it (one
-    value per channel)."""
-    hp = module.hparams
-    return {"class_names": [str(c) for c in hp.class_names], "input_shape": [int(v) for v in hp.input_shape],
-            "mean": list(hp.mean), "std": list(hp.std)}  # fmt: skip
 
 
 class Exportable(nn.Module):
@@ -70,8 +52,9 @@ def to_onnx(model: Exportable, meta: Mapping[str, Any]) -> bytes:
     example = torch.rand(2, *meta["input_shape"])  # not 1: torch.export would fix a batch axis of size 1
     try:
         batch = ({0: torch.export.Dim("batch")},)
-        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=batch, verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            model, (example,), input_names=["images"], output_names=["logits"], dynamic_shapes=batch, verbose=False
+        )
     except torch.onnx.OnnxExporterError as e:
         cause = e.__cause__ or e
         raise ExportError(f"{type(model.net).__name__} cannot be exported to ONNX: {first_line(cause)}") from e
@@ -118,8 +101,7 @@ def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch
     """(images, images whose class differs, largest probability difference) of the exported model against
     the checkpoint's PyTorch model on normalized images, as src.predict and src.evaluate run it."""
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (exported.mean, exported.std))
-    total = differ = 0
-    worst = 0.0
+    total, differ, worst = 0, 0, 0.0
     for images in batches:
         with torch.inference_mode():
             expected = module((images - mean) / std).softmax(-1)
@@ -149,7 +131,9 @@ def export(cfg: DictConfig) -> Path:
     # The run's test split with normalization turned off; data problems show before the (slower) export.
     module, datamodule = open_run(ckpt, {**OmegaConf.to_container(cfg.dataset), "mean": [0.0], "std": [1.0]})
     batches = parity_batches(datamodule, count)
-    meta = metadata(module)
+    hp = module.hparams  # what travels in the file: classes, input shape, the normalization inside it
+    names, shape = [str(c) for c in hp.class_names], [int(v) for v in hp.input_shape]
+    meta = {"class_names": names, "input_shape": shape, "mean": list(hp.mean), "std": list(hp.std)}
     data = (to_onnx if fmt == "onnx" else to_torchscript)(Exportable(module).eval(), meta)
     total, differ, worst = parity(module, open_exported(data, fmt, f"the exported {fmt} model"), batches)
     print(
@@ -162,12 +146,10 @@ def export(cfg: DictConfig) -> Path:
             f"the {fmt} export disagrees with PyTorch ({differ} of {total} test images change class, largest "
             f"probability difference {worst:.2e}); nothing written to {out}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(out, data)
-    shape = ", ".join(map(str, meta["input_shape"]))
+    write_atomically(out, data)  # creates its folder
     print(
-        f"exported {out} ({fmt}, {len(data) / 1e6:.1f} MB): images float32 (N, {shape}) in [0, 1] -> logits "
-        f"(N, {len(meta['class_names'])}), in {time.monotonic() - started:.1f} s"
+        f"exported {out} ({fmt}, {len(data) / 1e6:.1f} MB): images float32 (N, {', '.join(map(str, shape))}) in [0, 1] "
+        f"-> logits (N, {len(names)}), in {time.monotonic() - started:.1f} s"
     )
     return out
 

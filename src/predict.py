@@ -1,17 +1,8 @@
-"""Entry point: classify images with a checkpoint written by src.train (or a model written by src.export).
-
-python -m src.predict ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt images=[shoe.png,bag.jpg]
-python -m src.predict ckpt_path=CKPT images=FOLDER top_k=5 figures=false batch_size=512
-
-The checkpoint says what the model expects (channels, size, normalization, classes), so any image is converted
-to that. A folder is searched to any depth; when every image sits in a folder named after one of the model's
-classes (a test split in class folders), the accuracy is printed and written to accuracy.json: it equals
-src.evaluate's (a checkpoint's predictions use its run's test-time augmentation). Each image goes through the
-same load_image + to_tensor as it would alone, decoded in threads one batch ahead of the model. ckpt_path may
-also be NAME.onnx (onnxruntime) or NAME.pt (TorchScript, a program: only your own or trusted ones) from
-src.export; any other file is read as a checkpoint, never run. predictions.csv (columns: csv_columns) is
-streamed a batch at a time, so a stopped or killed run keeps every row it finished.
-"""
+"""Entry point: classify images (`images=[a.png,b.jpg]` or `images=FOLDER`, searched to any depth) with a
+checkpoint of src.train or a model of src.export (NAME.onnx; NAME.pt is TorchScript, a program: only trusted ones;
+any other file is read as a checkpoint, never run). Each image is converted to what the model expects, alike alone
+or in a batch; in class folders the accuracy (src.evaluate's) goes to accuracy.json. predictions.csv is streamed a
+batch at a time (decoded in threads one batch ahead), so a stopped or killed run keeps every row it wrote."""
 
 from __future__ import annotations
 
@@ -52,18 +43,13 @@ class UnreadableImage(ValueError):
 def collect_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
     """A folder becomes its image files, to any depth (sorted; hidden files and folders skipped); listed files
     are kept even when missing, so each one is reported by name instead of silently dropped."""
-    items = [images] if isinstance(images, (str, Path)) else list(images)
     paths: list[Path] = []
-    for item in (Path(str(i)).expanduser() for i in items):
+    for item in (Path(str(i)).expanduser() for i in ([images] if isinstance(images, (str, Path)) else images)):
         if not item.is_dir():
             paths.append(item)
             continue
-        found = sorted(
-            p for p in item.rglob("*")
-            if p.suffix.lower() in EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in
-                                                                           p.relative_to(item).parts)
-        )  # fmt: skip
-        if not found:
+        shown = (p for p in item.rglob("*") if not any(part.startswith(".") for part in p.relative_to(item).parts))
+        if not (found := sorted(p for p in shown if p.suffix.lower() in EXTENSIONS and p.is_file())):
             raise UserError(f"no images in folder {item} or below (looked for {', '.join(EXTENSIONS)} files)")
         paths += found
     if not paths:
@@ -96,18 +82,15 @@ def save_figure(image: Image.Image, probs: Sequence[float], class_names: Sequenc
     tutorials' view_classify). A bare Figure: no pyplot state to leak over many images, no display needed."""
     from matplotlib.figure import Figure
 
-    n = len(class_names)
+    n, best = len(class_names), max(range(len(class_names)), key=lambda i: probs[i])
     fig = Figure(figsize=(9, max(3.0, 0.3 * n + 1)))
     ax_image, ax_bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
     ax_image.imshow(image, cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
     ax_image.set_title(f"{title}\n{image.width}x{image.height} {image.mode}", fontsize=9)
     ax_image.axis("off")
-    best = max(range(n), key=lambda i: probs[i])
     ax_bars.barh(range(n), probs, color=["tab:orange" if i == best else "tab:blue" for i in range(n)])
-    ax_bars.set_yticks(range(n), labels=list(class_names))
+    ax_bars.set(yticks=range(n), yticklabels=list(class_names), xlim=(0, 1.1), title="Class probability")
     ax_bars.invert_yaxis()  # first class on top
-    ax_bars.set_xlim(0, 1.1)
-    ax_bars.set_title("Class probability")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -121,25 +104,24 @@ def open_model(ckpt_path: str, device: torch.device) -> Model:
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         hint = max(path.glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime, default=None)  # the newest run
-        raise UserError(
-            f"ckpt_path={path} is a folder; give a .ckpt file" + (f", e.g. ckpt_path={hint}" if hint else "")
-        )
+        example = f", e.g. ckpt_path={hint}" if hint else ""
+        raise UserError(f"ckpt_path={path} is a folder; give a .ckpt file{example}")
     if (fmt := format_of(path)) is not None:
         if not path.is_file():
             raise UserError(f"exported model not found: {path}")
         if fmt == "torchscript":  # unlike a checkpoint or an ONNX graph, a TorchScript file is a program
-            print(f"warning: running the TorchScript program in {path}: use only your own or trusted files",
-                  file=sys.stderr)  # fmt: skip
+            warning = f"warning: running the TorchScript program in {path}: use only your own or trusted files"
+            print(warning, file=sys.stderr)
         model = open_exported(path.read_bytes(), fmt, str(path), device)
         zero, one = [0.0] * model.input_shape[0], [1.0] * model.input_shape[0]  # ToTensor's [0, 1] as they are
         return model.class_names, model.input_shape, zero, one, lambda x: model.logits(x).softmax(dim=-1)
     module = open_run(path, map_location=device)[0].to(device)
-    hp = module.hparams
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return module.predict_step(images.to(device)).cpu()
 
+    hp = module.hparams
     return [str(c) for c in hp.class_names], [int(v) for v in hp.input_shape], hp.mean, hp.std, probabilities
 
 
@@ -221,7 +203,6 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     each, done, failed, correct, used = len(paths) <= PRINT_EACH, 0, 0, 0, set()
     started = shown = time.monotonic()
-    labelled = all(p.parent.name in class_names for p in paths)
     with open(output_dir / "predictions.csv", "wb", buffering=0) as out, sigterm_as_interrupt():
         write_rows(out, [csv_columns(k)])
         try:
@@ -236,10 +217,8 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
                         failed += 1
                         continue
                     p = next(probs)
-                    top = p.topk(k)
-                    ranked = [
-                        (class_names[c], v) for v, c in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-                    ]
+                    values, indices = p.topk(k)
+                    ranked = [(class_names[c], v) for v, c in zip(values.tolist(), indices.tolist(), strict=True)]
                     correct += ranked[0][0] == path.parent.name
                     figure = figure_name(path, used) if cfg.figures else ""
                     if figure:  # before its row, so every figure a row names exists
@@ -256,7 +235,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
             message = f"interrupted after {done} of {len(paths)} images; their rows are in {out.name}"
             raise RunInterrupted(message, exit_code(e)) from None
     figures = f", {len(used)} figure{'' if len(used) == 1 else 's'}" if cfg.figures else ""
-    if labelled and done > failed:
+    if all(p.parent.name in class_names for p in paths) and done > failed:
         accuracy = {"accuracy": correct / (done - failed), "correct": correct, "images": done - failed}
         write_atomically(output_dir / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
         print(f"accuracy {accuracy['accuracy']:.4f}: {correct} of {done - failed} images in their class's folder")

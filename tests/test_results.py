@@ -145,8 +145,8 @@ def test_ablation_rows_show_each_variants_change_against_the_recipe():
         assert len(args) == len(base) + len(added) == len({arg.split("=")[0] for arg in args})  # no key twice
 
 
-def test_every_readme_table_has_its_markers_and_renders_unchanged():
-    text = (REPO_ROOT / "README.md").read_text()
+def test_every_results_table_has_its_markers_and_renders_unchanged():
+    text = (REPO_ROOT / "RESULTS.md").read_text()
     for table in results.TABLES:
         content = results.region(text, table.name)
         assert results.render_region(content, table, {}) == content
@@ -157,11 +157,11 @@ def test_every_readme_table_has_its_markers_and_renders_unchanged():
 def test_dry_run_lists_the_commands_of_each_table(tmp_path, capsys):
     cifar = tmp_path / "cifar"
     (cifar / "train").mkdir(parents=True)
-    readme = tmp_path / "README.md"
-    readme.write_text((REPO_ROOT / "README.md").read_text())
+    readme = tmp_path / "RESULTS.md"
+    readme.write_text((REPO_ROOT / "RESULTS.md").read_text())
     before = readme.read_text()
     assert (
-        results.main(["--dry-run", "--readme", str(readme), "--cifar-dir", str(cifar), "--output", str(tmp_path)]) == 0
+        results.main(["--dry-run", "--results", str(readme), "--cifar-dir", str(cifar), "--output", str(tmp_path)]) == 0
     )
     out = capsys.readouterr().out
     assert readme.read_text() == before
@@ -185,7 +185,7 @@ def test_dry_run_lists_the_commands_of_each_table(tmp_path, capsys):
         if "python -m src.train" in line:
             assert "hydra.run.dir=" in line  # every run goes to its own folder, read back from there
 
-    results.main(["--dry-run", "--readme", str(readme), "--output", str(tmp_path), "--only", "seed-experiments"])
+    results.main(["--dry-run", "--results", str(readme), "--output", str(tmp_path), "--only", "seed-experiments"])
     out = capsys.readouterr().out
     assert "== recipes" not in out
     assert "cifar_cnn3_sgd: skipped, kept as it is: no CIFAR-10 image folder (--cifar-dir DIR" in out
@@ -206,7 +206,7 @@ def test_only_picks_tables_and_rows_and_the_runs_they_read():
 
 def test_a_comparison_table_is_rewritten_only_when_all_its_rows_were_measured():
     table = next(t for t in results.TABLES if t.name == "data-paths")
-    content = results.region((REPO_ROOT / "README.md").read_text(), "data-paths")
+    content = results.region((REPO_ROOT / "RESULTS.md").read_text(), "data-paths")
     m = Measurement(100.0, 0.0, {"test/acc": 0.9}, when="d", machine="M")
     assert results.render_region(content, table, {"fast_fashion_mnist": m}) == content
     both = results.render_region(content, table, {"fast_fashion_mnist": m, "fast_fashion_mnist_per_sample": m})
@@ -233,7 +233,7 @@ def test_a_command_is_timed_and_its_metrics_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "TABLES", [DEMO])
     readme = tmp_path / "README.md"
     readme.write_text(README_TEXT)
-    code = results.main(["--readme", str(readme), "--output", str(tmp_path / "out")])
+    code = results.main(["--results", str(readme), "--output", str(tmp_path / "out")])
     assert code == 1  # job-two failed: its row stays as it was
     text = readme.read_text()
     assert "| `one` | 75.00% | " in text

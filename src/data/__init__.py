@@ -1,5 +1,4 @@
-"""One LightningDataModule per dataset; `common` holds what they share (split, checks, samplers), `in_memory`
-and `per_sample` the two data paths that serve the splits."""
+"""One LightningDataModule per dataset; `common` holds what they share, `in_memory` and `per_sample` the data paths."""
 
 from src.data.common import DataError, ImageClassificationDataModule
 

@@ -1,11 +1,5 @@
-"""Normalization and train augmentation of a whole uint8 batch as tensor ops on its device, with the
-semantics of the per-sample torchvision path (`PerSamplePath.view` in `per_sample.py`):
-RandomCrop(size, padding) with zero fill, RandomHorizontalFlip(0.5), RandomRotation(degrees) with nearest
-interpolation and zero fill, in that order, then ToTensor and Normalize. Randomness comes from the torch
-RNG of the batch's device, which `ReseedEachEpoch` (src/callbacks/training.py) seeds per epoch (resumed runs repeat it).
-"""
-
-from __future__ import annotations
+"""Normalization and train augmentation of whole uint8 batches on their device, as `PerSamplePath.view` does them:
+RandomCrop, RandomHorizontalFlip, RandomRotation (nearest, zero fill); `ReseedEachEpoch` seeds the device RNG."""
 
 from collections.abc import Sequence
 
@@ -14,10 +8,9 @@ from torch.nn import functional as F
 
 
 def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Each image shifted by its own offset in [-padding, padding] along both axes, zeros filling in: the
-    same windows RandomCrop draws from the zero-padded image. Returns channels-last memory."""
-    b, _, h, w = images.shape
-    device = images.device
+    """Each image shifted by its own offset in [-padding, padding] per axis, zero-filled (RandomCrop's windows);
+    returns channels-last memory."""
+    (b, _, h, w), device = images.shape, images.device
     padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
     top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
     left = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
@@ -29,11 +22,6 @@ def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
 def random_hflip(images: torch.Tensor) -> torch.Tensor:
     flip = torch.rand(len(images), device=images.device) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-
-
-def random_rotation(images: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Each image rotated about its centre by its own angle in [-degrees, degrees] (float images)."""
-    return rotate(images, (torch.rand(len(images), device=images.device) * 2 - 1) * degrees)
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -69,8 +57,8 @@ class BatchAugment:
         if train and self.hflip:
             images = random_hflip(images)
         images = images.float()
-        if train and self.rotation:
-            images = random_rotation(images, self.rotation)
+        if train and self.rotation:  # each image by its own angle in [-rotation, rotation]
+            images = rotate(images, (torch.rand(len(images), device=images.device) * 2 - 1) * self.rotation)
         if self.scale.device != images.device:
             self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
         return torch.addcmul(self.shift, images, self.scale)

@@ -1,8 +1,5 @@
-"""CIFAR-10 from its python pickle batches (`cifar-10-batches-py/`), read file by file so an error names the file:
-one that does not unpickle, an official-size batch failing its MD5, a label outside the classes. Batches of
-another size (small CIFAR-format sets, e.g. in tests) are accepted without the MD5 check."""
-
-from __future__ import annotations
+"""CIFAR-10 from its pickle batches, read file by file so an error names the file (one that does not unpickle, an
+official-size batch failing its MD5, a label outside the classes); batches of other sizes (tests) skip the MD5."""
 
 import pickle
 from pathlib import Path
@@ -38,8 +35,7 @@ def _unpickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"CIFAR-10 file missing: {path}; extract the complete cifar-10-batches-py there")
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        return pickle.loads(path.read_bytes(), encoding="latin1")
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}); replace it") from e
 

@@ -1,21 +1,13 @@
-"""What every datamodule shares: the seeded train/val split (or k-fold), label checks, the samplers that fix
-the training order, local copies before a download, and clear errors. A subclass says where its images come
-from (`source_files`, `load`, a fast `decode` where it has one) and reads `input_shape` and `class_names` from
-them. `setup` picks once the `DataPath` serving the splits: `InMemoryPath` (decoded uint8 tensors, batch
-augmentation on the device; the default where the data fits) or `PerSamplePath` (PIL transforms per image).
-"""
+"""What every datamodule shares: the seeded train/val split (or k-fold), label checks, samplers fixing the training
+order, local copies before a download, clear errors; `setup` picks the `DataPath` serving the splits once."""
 
-from __future__ import annotations
-
-import logging
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -26,22 +18,13 @@ from src.data.per_sample import PerSamplePath
 from src.utils.config import per_channel
 from src.utils.errors import UserError
 
-log = logging.getLogger(__name__)
-
 
 class DataError(UserError):
     """Missing, corrupt or unusable data: the message says which file and how to fix it."""
 
 
-class DataPath(Protocol):
-    """How the splits are read and served. `read`: (source, labels, class names) of a split, None when there
-    is no test split; `view`: a Dataset of `source` at `indices` (None: all), augmented when `train`;
-    `loader`: its batches in `sampler`'s order; `after_transfer`: a batch as the model takes it."""
-
-    def read(self, train: bool) -> tuple[Any, torch.Tensor, list[str]] | None: ...
-    def view(self, source: Any, indices: Sequence[int] | None, train: bool) -> Dataset: ...
-    def loader(self, dataset: Dataset, sampler: Sampler | None, generator: torch.Generator) -> Iterable: ...
-    def after_transfer(self, batch: Any, train: bool) -> Any: ...
+# What serves the splits: `read` one, `view` it at some indices, batch it (`loader`), `after_transfer` each batch.
+DataPath = InMemoryPath | PerSamplePath
 
 
 def writable_dir(path: Path) -> Path:
@@ -57,7 +40,8 @@ def writable_dir(path: Path) -> Path:
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Seeded train/val split of a training set, and the test split."""
+    """Seeded train/val split of a training set, and the test split. `in_memory`: true, false, or "auto" (when the
+    decoded images take under half the free RAM). `folds`=K, `fold`=I: validate on fold I of K, not `val_fraction`."""
 
     def __init__(
         self,
@@ -75,8 +59,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
         crop_padding: int = 0,
         in_memory: bool | str = "auto",
     ) -> None:
-        """`in_memory`: true, false, or "auto" (when the decoded images take under half the free RAM).
-        `folds`=K, `fold`=I: validate on fold I of K instead of `val_fraction`."""
         super().__init__()
         if in_memory not in (True, False, "auto"):
             raise DataError(f"dataset.in_memory must be true, false or auto, got {in_memory!r}")
@@ -88,21 +70,17 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"dataset.folds must be at least 2 when dataset.fold is set, got {folds}")
         if folds is not None and (fold is None or not 0 <= fold < folds):
             raise DataError(f"dataset.fold must be one of 0..{folds - 1} with dataset.folds={folds}, got {fold}")
-        self.data_dir = Path(data_dir).expanduser()
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.data_dir, self.batch_size, self.num_workers = Path(data_dir).expanduser(), batch_size, num_workers
         self.val_fraction, self.folds, self.fold, self.seed = val_fraction, folds, fold, seed
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std, self.in_memory = tuple(mean), tuple(std), in_memory
         self.hflip, self.rotation, self.crop_padding = hflip, rotation, crop_padding
-        self.in_memory = in_memory
         self.path: DataPath | None = None  # chosen once, by setup()
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
         self.train_set = self.val_set = self.test_set = None
 
-    # --- what subclasses provide -------------------------------------------------------------------
     def load(self, train: bool) -> Dataset | None:
-        """The split as (PIL image, label) pairs (None: no such split); sets `class_names` and `input_shape`
-        (C, H, W) when `train`."""
+        """(PIL image, label) pairs with `targets` and `classes`, None if absent; sets `class_names`, `input_shape`."""
         raise NotImplementedError
 
     def source_files(self, train: bool) -> list[Path] | None:
@@ -110,45 +88,34 @@ class ImageClassificationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def decode(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images (N, C, H, W), int64 labels) of a `load()`ed split. This default decodes every
-        image through PIL (threads: decoding releases the GIL); datasets stored as arrays override it."""
-        resize = T.Compose(self.resize())
-        first = np.asarray(resize(dataset[0][0]), dtype=np.uint8)
-        height, width = first.shape[:2]
-        channels = 1 if first.ndim == 2 else first.shape[2]
-        # Filled in place: holding a list of arrays and its stack would need three times the memory.
-        images = torch.empty((len(dataset), channels, height, width), dtype=torch.uint8)
-        labels = torch.empty(len(dataset), dtype=torch.long)
-
-        def fill(i: int) -> None:
-            image, label = dataset[i]
-            array = np.asarray(resize(image), dtype=np.uint8).reshape(height, width, channels)
-            images[i] = torch.from_numpy(array).permute(2, 0, 1)
-            labels[i] = int(label)
-
+        """(uint8 images (N, C, H, W), int64 labels) of a `load()`ed split, decoded through PIL in threads (decoding
+        releases the GIL); datasets stored as arrays override it."""
+        to_tensor = T.Compose([*self.resize(), T.PILToTensor()])
+        images = torch.empty((len(dataset), *to_tensor(dataset[0][0]).shape), dtype=torch.uint8)
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            list(pool.map(fill, range(len(dataset)), chunksize=256))
-        return images, labels
+            # Filled in place: holding a list of tensors and their stack would need three times the memory.
+            for i, image in enumerate(pool.map(lambda k: to_tensor(dataset[k][0]), range(len(dataset)))):
+                images[i] = image
+        return images, torch.as_tensor(dataset.targets, dtype=torch.long)
 
     def decode_options(self) -> tuple:
         """Settings that change the decoded tensors (part of the cache key besides the files)."""
         return ()
 
     def decoded_bytes(self) -> int:
-        """What the decoded images take in memory, estimated before decoding them (a missing file: later)."""
+        """The decoded images' size, estimated before decoding them (a missing file: later)."""
         return sum(f.stat().st_size for t in (True, False) for f in self.source_files(t) or [] if f.is_file())
 
     def resize(self) -> list[Any]:
         """Transforms that bring every image to `input_shape` (only image folders need one)."""
         return []
 
-    # --- shared ------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def normalization(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std; a single value applies to every channel."""
+        """Per-channel mean and std (a single value applies to every channel)."""
         channels = self.input_shape[0]
         return per_channel(self.mean, channels, "dataset.mean"), per_channel(self.std, channels, "dataset.std")
 
@@ -176,10 +143,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """(train, val) from one permutation seeded by `seed` alone (not the global RNG): val is its first
         `val_fraction`, or its `fold`-th of `folds` parts, so the folds' val sets are disjoint and cover it."""
         if self.folds is None:
-            n_val = max(1, round(n * self.val_fraction))
-            if n_val >= n:
+            start, end = 0, max(1, round(n * self.val_fraction))
+            if end >= n:
                 raise DataError(f"only {n} training images: too few to hold out val_fraction={self.val_fraction}")
-            start, end = 0, n_val
         elif n < self.folds:
             raise DataError(f"only {n} training images: too few for dataset.folds={self.folds}")
         else:
@@ -198,8 +164,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.train_set = self.path.view(source, train_idx, train=True)
             self.val_set = self.path.view(source, val_idx, train=False)
         if self.test_set is None and stage in (None, "test", "predict"):
-            test = self.path.read(train=False)
-            if test is None:
+            if (test := self.path.read(train=False)) is None:
                 self.test_set = self.val_set
                 return
             source, labels, names = test
@@ -215,17 +180,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self.path.after_transfer(batch, train=self.trainer is not None and self.trainer.training)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> Iterable:
-        """Samplers of our own (the trainer runs with use_distributed_sampler=false): the training order of
-        every epoch is a function of (seed, epoch) alone, so a resumed run sees the same batches; under DDP
-        each process gets its shard, and val/test images are each seen exactly once (no padding)."""
+        """Our own samplers (use_distributed_sampler=false): each epoch's order depends on (seed, epoch) alone, so a
+        resumed run sees the same batches; under DDP each process gets its shard, val/test images exactly once."""
         assert dataset is not None and self.path is not None, "call setup() first"
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if shuffle:
             sampler: Sampler | None = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed)
         else:
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
-        # Its own generator: creating an iterator draws a seed from it, which would otherwise shift the
-        # global RNG (and so the augmentation) differently in a resumed run.
+        # Its own generator: an iterator draws a seed, which would shift the global RNG (augmentation) on resume.
         return self.path.loader(dataset, sampler, torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> Iterable:
@@ -239,17 +202,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
 
 class LocalOrDownload:
-    """For datasets torchvision downloads (a mixin before ImageClassificationDataModule): the folders of
-    `looked_in()` (`data_dir`, `local_copies`) come first, so a machine without network finds its copy
-    (`use_local(folder)`: it holds the files, made ready for `load`); the error names each folder tried."""
+    """Mixin for datasets torchvision downloads: the folders of `looked_in()` come first (`use_local`: the folder holds
+    the files, made ready for `load`), so an offline machine finds its copy; the error names each folder tried."""
 
     dataset_class: Any
     title, expected, how_to_get = "", "", ""
 
     def __init__(self, local_copies: Sequence[str] = (), download: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.local_copies = [Path(p).expanduser() for p in local_copies]
-        self.download = download
+        self.local_copies, self.download = [Path(p).expanduser() for p in local_copies], download
 
     def prepare_data(self) -> None:
         looked = self.looked_in()  # type: ignore[attr-defined]

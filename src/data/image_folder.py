@@ -1,15 +1,6 @@
-"""A user's own images: `data_dir/train/<class>/*.png|jpg` and optionally `data_dir/test/<class>/*`.
-
-Class names are the folder names (a class folder may be a symlink). Every real image file counts once: below
-a class folder, symlinked folders are not followed (a link back up would repeat images, in train and val
-alike; a warning names them), and a file reached twice through file symlinks is listed where first met.
-Size comes from the first training image unless `size` is set; channels from all training images (colour if
-any is colour: read from the file headers, and not at all when the split comes from the in-memory cache). An
-unreadable image (corrupt, truncated, not an image, over Pillow's decompression-bomb limit) is an error that
-names the file, never silently skipped: a quietly shrinking dataset makes results incomparable.
-"""
-
-from __future__ import annotations
+"""A user's own images: `data_dir/train/<class>/*.png|jpg` and optionally `data_dir/test/<class>/*`. Size comes from
+the first training image unless `size` is set; colour if any training image is. An unreadable image is an error
+naming the file, never skipped: a quietly shrinking dataset makes results incomparable."""
 
 import logging
 import os
@@ -33,36 +24,25 @@ BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 UNREADABLE = (OSError, ValueError, SyntaxError, *BOMB)  # what Pillow raises for a file it refuses
 
 
-def read_image(path: str | Path, mode: str | None = None, header_only: bool = False) -> Image.Image | tuple:
-    """Decode fully (so truncation is caught here) and convert to `mode` ("L" or "RGB"; default: the file's),
-    or with `header_only` ("L" or "RGB", height, width) from the header alone. Pillow only warns between its
-    pixel limit and twice it: refused there too."""
+def open_image(path: str | Path, mode: str | None = None, header_only: bool = False) -> Image.Image | tuple:
+    """Decoded fully (truncation is caught here) in `mode` ("L" or "RGB"; default: the file's), or with `header_only`
+    (mode, height, width) from the header. Pillow only warns up to twice its pixel limit: refused there too."""
     try:
         with Image.open(path, formats=FORMATS) as image:
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds limit")
             own = "L" if image.mode in GRAY_MODES else "RGB"
-            if header_only:
-                return own, image.height, image.width
-            image.load()
-            return image.convert(mode or own)
+            return (own, image.height, image.width) if header_only else image.convert(mode or own)
+    except BOMB as e:  # Pillow's own message goes on about DOS attacks
+        size = str(e).split(",")[0].removesuffix(".")
+        raise DataError(f"{path} is too large to decode safely: {size} (PIL.Image.MAX_IMAGE_PIXELS); shrink it") from e
     except UNREADABLE as e:
-        if isinstance(e, BOMB):
-            size = str(e).split(",")[0].removesuffix(".")  # Pillow's own message goes on about DOS attacks
-            raise DataError(
-                f"{path} is too large to decode safely: {size} (PIL.Image.MAX_IMAGE_PIXELS); shrink it"
-            ) from e
         raise DataError(f"unreadable image {path} ({e}); remove or replace it") from e
-
-
-def open_image(path: str | Path, mode: str | None = None) -> Image.Image:
-    return read_image(path, mode)
 
 
 def _walk(folder: str, links: list[str]) -> Iterator[os.DirEntry]:
     """Image files under `folder`, in torchvision's order; symlinked folders are added to `links`, not entered."""
-    with os.scandir(folder) as scan:
-        entries = sorted(scan, key=lambda e: e.name)
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
     yield from (e for e in entries if not e.is_dir() and e.name.lower().endswith(EXTENSIONS))
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
@@ -72,25 +52,25 @@ def _walk(folder: str, links: list[str]) -> Iterator[os.DirEntry]:
 
 
 class _ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder listing every real image file once (see the module docstring)."""
+    """torchvision's ImageFolder listing every real image file once, where first met (a class folder may be a link).
+    Symlinked folders inside a class are not followed: a link back up would repeat images, in train and val alike."""
 
     @staticmethod
     def make_dataset(root: Any, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
         samples, seen, links = [], set(), []
         for name, label in sorted(class_to_idx.items()):
             folder = os.path.join(root, name)
-            real_folder, count = os.path.realpath(folder), 0  # only file symlinks need resolving below it
+            real_folder, before = os.path.realpath(folder), len(samples)  # only file symlinks need resolving below it
             for entry in _walk(folder, links):
                 real = os.path.realpath(entry.path) if entry.is_symlink() else real_folder + entry.path[len(folder) :]
                 if real not in seen:
                     seen.add(real)
                     samples.append((entry.path, label))
-                    count += 1
-            if not count:
+            if len(samples) == before:
                 raise FileNotFoundError(f"class folder {folder} has no images ({', '.join(EXTENSIONS)}) of its own")
         if links:
-            log.warning("%s: not following %d symlinked folder(s) inside class folders, e.g. %s (each image is used "
-                        "once); link the class folder or the files instead", root, len(links), links[0])  # fmt: skip
+            msg = "%s: not following %d symlinked folder(s) inside class folders, e.g. %s (each image is used once); "
+            log.warning(msg + "link the class folder or the files instead", root, len(links), links[0])
         return samples
 
 
@@ -129,37 +109,34 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return self._scans[train]
 
     def source_files(self, train: bool) -> list[Path] | None:
-        dataset = self._scan(train)
-        return None if dataset is None else [Path(path) for path, _ in dataset.samples]
+        return None if (dataset := self._scan(train)) is None else [Path(path) for path, _ in dataset.samples]
 
     def decode_options(self) -> tuple:
         return (self.size,)
 
     def decoded_bytes(self) -> int:
-        """Image count times the first training image's size (or `size`) in RGB."""
+        """As RGB of the first training image's size (or `size`)."""
         files = [f for train in (True, False) for f in self.source_files(train) or []]
-        height, width = self.size or read_image(files[0], header_only=True)[1:]
+        height, width = self.size or open_image(files[0], header_only=True)[1:]
         return len(files) * 3 * height * width
 
     def load(self, train: bool) -> datasets.ImageFolder | None:
-        dataset = self._scan(train)
-        if dataset is None:
+        if (dataset := self._scan(train)) is None:
             return None
         if train:
             self.class_names = list(dataset.classes)
-            paths = [path for path, _ in dataset.samples]
-            self.mode, height, width = read_image(paths[0], header_only=True)
-            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # opening files waits on I/O
-                colour = self.mode == "RGB" or "RGB" in (
-                    m for m, *_ in pool.map(partial(read_image, header_only=True), paths[1:], chunksize=64)
-                )
-            self.mode = "RGB" if colour else "L"
-            self.input_shape = (3 if colour else 1, *(self.size or (height, width)))
+            self.mode, height, width = open_image(dataset.samples[0][0], header_only=True)
+            if self.mode == "L":  # colour if any image is: the other headers, read in threads (they wait on I/O)
+                with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                    modes = pool.map(lambda sample: open_image(sample[0], header_only=True)[0], dataset.samples[1:])
+                    self.mode = "RGB" if "RGB" in modes else "L"
+            self.input_shape = (3 if self.mode == "RGB" else 1, *(self.size or (height, width)))
         elif self.mode is None:  # train came from the in-memory cache: its channels decide
             self.mode = "L" if self.input_shape[0] == 1 else "RGB"
         if dataset.classes != self.class_names:
-            raise DataError(f"{self.where(train)} has classes {dataset.classes} but train/ has {self.class_names}; "
-                            "they must match")  # fmt: skip
+            raise DataError(
+                f"{self.where(train)} has classes {dataset.classes} but train/ has {self.class_names}; they must match"
+            )
         dataset.loader = partial(open_image, mode=self.mode)  # every image gets the training split's channels
         return dataset
 

@@ -1,11 +1,5 @@
-"""The in-memory data path (`InMemoryPath`): a split decoded once into a uint8 tensor, cached next to the data,
-kept on the training device where it fits, served as batches by slicing with the epoch's shuffled index;
-normalization and augmentation run afterwards on whole batches on that device (`augment.py`). A small dataset
-decoded through PIL one image at a time, every epoch, spends most of its time outside the model; here a batch
-costs one gather.
-"""
-
-from __future__ import annotations
+"""The in-memory data path: each split decoded once to uint8, cached next to the data, kept on the training device
+where it fits; a batch is one gather, normalized and augmented on that device (`augment.py`), not PIL per image."""
 
 import hashlib
 import logging
@@ -27,8 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class TensorImages(Dataset):
-    """The images of one split at `indices` of a shared uint8 tensor (N, C, H, W), with their labels;
-    `__getitems__` serves a whole batch with one gather."""
+    """One split: `indices` into shared uint8 images (N, C, H, W) and labels; `__getitems__` gathers a batch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] | None = None) -> None:
         self.images, self.labels = images, labels
@@ -38,8 +31,7 @@ class TensorImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = self.indices[i]
-        return self.images[j], int(self.labels[j])
+        return self.images[self.indices[i]], int(self.labels[self.indices[i]])
 
     def __getitems__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.indices[positions]
@@ -47,9 +39,7 @@ class TensorImages(Dataset):
 
 
 class TensorBatches:
-    """The batches of `dataset` as slices of the epoch's order, which `sampler` decides (so shuffling, the DDP
-    shard and resume behave exactly as on the per-sample path; Lightning calls its `set_epoch`). The order moves
-    to the images' device once an epoch; a batch is one gather, without a DataLoader's per-batch machinery."""
+    """Batches of `dataset` in `sampler`'s order, so shuffling, DDP shards and resume match the per-sample path."""
 
     batch_sampler = None  # what Lightning looks for beside `sampler`, as on a DataLoader
 
@@ -64,24 +54,17 @@ class TensorBatches:
         return ceil(len(self.sampler) / self.batch_size)
 
 
-def fingerprint(files: Sequence[Path], *extra: object) -> str:
-    """Changes when any file is added, removed, resized or rewritten (path, size, mtime), or `extra` does."""
-    digest = hashlib.sha1(repr(extra).encode())
-    for path in files:
+def cached_tensors(cache_dir: Path, name: str, files: Sequence[Path], build: Callable, *extra: object) -> dict:
+    """`build()` (a dict of tensors), saved atomically as `cache_dir/name-KEY.pt` (older KEYs removed) and read back
+    while KEY, a hash of `name`, `extra` and the files' paths, sizes and mtimes, holds. Unwritable: decoded again."""
+    digest = hashlib.sha1(repr((name, *extra)).encode())
+    for file in files:
         try:
-            stat = path.stat()
+            stat = file.stat()
         except FileNotFoundError:  # reading it will say so; a key without it matches no cache
             continue
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def cached_tensors(cache_dir: Path, name: str, key: str, build: Callable[[], dict[str, object]]) -> dict[str, object]:
-    """`build()` (a dict of tensors and metadata), saved as `cache_dir/name-key.pt` and read from there
-    while `key` holds. Written atomically, so an interrupted write never looks like a cache; older
-    versions of `name`, and temporary files of interrupted writes, are removed (src/utils/io.py). An unwritable
-    folder only costs the decode next time."""
-    path = cache_dir / f"{name}-{key}.pt"
+        digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    path = cache_dir / f"{name}-{digest.hexdigest()[:16]}.pt"
     if path.is_file():
         try:
             return torch.load(path, mmap=True, weights_only=True)
@@ -89,11 +72,9 @@ def cached_tensors(cache_dir: Path, name: str, key: str, build: Callable[[], dic
             log.warning("rebuilding the unreadable cache %s (%s)", path, e)
     content = build()
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda f: torch.save(content, f), stem=name)
-        for old in cache_dir.glob(f"{name}-*.pt"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        for old in set(cache_dir.glob(f"{name}-*.pt")) - {path}:
+            old.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         log.warning("cannot cache the decoded images in %s (%s); they will be decoded again next run", cache_dir, e)
     return content
@@ -104,8 +85,7 @@ def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # not Linux: assume it fits, as a user choosing this path would
         return 1 << 62
@@ -114,7 +94,7 @@ def available_memory(device: torch.device) -> int:
 class InMemoryPath:
     """The `DataPath` of `dm` that serves its splits from decoded uint8 tensors (see the module docstring)."""
 
-    def __init__(self, dm: ImageClassificationDataModule) -> None:
+    def __init__(self, dm: "ImageClassificationDataModule") -> None:
         self.dm = dm
         self.augment: BatchAugment | None = None  # built with the training split
         self.on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one device copy per tensor
@@ -129,8 +109,7 @@ class InMemoryPath:
 
     def read(self, train: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[str]] | None:
         """A split decoded to uint8 tensors: from the cache while its source files are unchanged."""
-        dm = self.dm
-        files = dm.source_files(train)
+        dm, files = self.dm, self.dm.source_files(train)
         if files is None:
             return None
         name, cache = f"{type(dm).__name__}-{'train' if train else 'test'}", dm.data_dir / ".cache"
@@ -139,12 +118,10 @@ class InMemoryPath:
             log.info("decoding %s images to a uint8 cache in %s", name, cache)
             dataset = dm.load(train)
             images, labels = dm.decode(dataset)
-            names = list(getattr(dataset, "classes", dm.class_names))
-            return {"images": images, "labels": labels, "class_names": names}
+            return {"images": images, "labels": labels, "class_names": list(dataset.classes)}
 
         # The test split takes train's image shape (image folders resize to it): part of its key.
-        key = fingerprint(files, name, dm.decode_options(), None if train else dm.input_shape)
-        split = cached_tensors(cache, name, key, build)
+        split = cached_tensors(cache, name, files, build, dm.decode_options(), None if train else dm.input_shape)
         if train:
             dm.input_shape = tuple(split["images"].shape[1:])
         return (split["images"], split["labels"]), split["labels"], list(split["class_names"])
@@ -155,8 +132,7 @@ class InMemoryPath:
         return TensorImages(*source, indices)
 
     def loader(self, dataset: TensorImages, sampler: Sampler | None, generator: torch.Generator) -> TensorBatches:
-        """Batches sliced on the training device where the split takes under half its free memory (else on the
-        host; val shares train's copy there)."""
+        """Batches sliced on the training device if the split takes under half its free memory (val shares train's)."""
         device = self.dm.trainer.strategy.root_device if self.dm.trainer else torch.device("cpu")
         key = id(dataset.images)
         if device.type != "cpu" and (key in self.on_device or dataset.images.nbytes < available_memory(device) / 2):

@@ -1,16 +1,11 @@
-"""MNIST and Fashion-MNIST: the four IDX files, found locally before anything is downloaded.
-
-`data_dir` may be torchvision's root (`DIR/MNIST/raw/...`) or a folder holding the four files, gzipped
-or not (as Debian's `dataset-fashion-mnist` installs them). Gzipped or flat copies are staged once into
-torchvision's layout under `data_dir`, so torchvision does the reading.
-"""
-
-from __future__ import annotations
+"""MNIST and Fashion-MNIST from the four IDX files, found locally before any download: in torchvision's layout under
+`data_dir`, or copies (gzipped or not, e.g. Debian's `dataset-fashion-mnist`) staged into it once."""
 
 import gzip
 import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torchvision import datasets
@@ -20,22 +15,6 @@ from src.data.common import DataError, ImageClassificationDataModule, LocalOrDow
 from src.utils.io import write_atomically
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def _stage(source: Path, target: Path) -> None:
-    """Copy (gunzipping if needed) atomically: an interrupted copy never looks like a complete file, and
-    its temporary file is removed by the next staging (src/utils/io.py)."""
-
-    def copy(out: BinaryIO) -> None:
-        with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src:
-            shutil.copyfileobj(src, out)
-
-    try:
-        write_atomically(target, copy)
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(
-            f"cannot copy {source} to {target} ({e}); replace {source} if it is truncated or corrupt"
-        ) from e
 
 
 class MNISTDataModule(LocalOrDownload, ImageClassificationDataModule):
@@ -49,23 +28,26 @@ class MNISTDataModule(LocalOrDownload, ImageClassificationDataModule):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.class_names = list(self.dataset_class.classes)
-
-    @property
-    def raw_dir(self) -> Path:
-        """Where torchvision reads the uncompressed files: `data_dir/<ClassName>/raw`."""
-        return self.data_dir / self.dataset_class.__name__ / "raw"
+        self.raw_dir = self.data_dir / self.dataset_class.__name__ / "raw"  # where torchvision reads the files
 
     def looked_in(self) -> list[Path]:
         return [self.raw_dir, self.data_dir, *self.local_copies]
 
     def use_local(self, folder: Path) -> bool:
-        """All four files, gzipped or not: staged into torchvision's layout unless they are there already."""
+        """All four files, gzipped or not: copied atomically into torchvision's layout unless they are there already."""
         found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in IDX_FILES]
         if not all(found):
             return False
         for name, source in zip(IDX_FILES, found, strict=True):
             if source != self.raw_dir / name:
-                _stage(source, writable_dir(self.raw_dir) / name)
+                target = writable_dir(self.raw_dir) / name
+                try:
+                    with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as src:
+                        write_atomically(target, partial(shutil.copyfileobj, src))
+                except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+                    raise DataError(
+                        f"cannot copy {source} to {target} ({e}); replace {source} if it is truncated or corrupt"
+                    ) from e
         return True
 
     def load(self, train: bool) -> datasets.MNIST:
@@ -74,17 +56,14 @@ class MNISTDataModule(LocalOrDownload, ImageClassificationDataModule):
             dataset = self.dataset_class(str(self.data_dir), train=train, download=False)
         except Exception as e:  # name the file that torchvision could not parse
             raise DataError(f"{self._bad_file(train)} is truncated or corrupt ({type(e).__name__}); replace it") from e
-        if len(dataset.data) != len(dataset.targets):
-            raise DataError(
-                f"{self.raw_dir}: {len(dataset.data)} images but {len(dataset.targets)} labels; the files do not match"
-            )
+        if (images := len(dataset.data)) != (labels := len(dataset.targets)):
+            raise DataError(f"{self.raw_dir}: {images} images but {labels} labels; the files do not match")
         self.input_shape = (1, *dataset.data.shape[1:])
         return dataset
 
     def source_files(self, train: bool) -> list[Path]:
         self.prepare_data()
-        prefix = "train" if train else "t10k"
-        return [self.raw_dir / f"{prefix}-images-idx3-ubyte", self.raw_dir / f"{prefix}-labels-idx1-ubyte"]
+        return [self.raw_dir / name for name in (IDX_FILES[:2] if train else IDX_FILES[2:])]
 
     def where(self, train: bool) -> str:
         """The labels file: what the label checks are about."""

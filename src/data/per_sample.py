@@ -1,8 +1,6 @@
 """The per-sample data path (`PerSamplePath`): torchvision transforms on every PIL image as it is read, in
 DataLoader workers if `num_workers` > 0. For data too big to decode into memory (`dataset.in_memory=false`)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +13,7 @@ if TYPE_CHECKING:
 
 
 class _Transformed(Dataset):
-    """(PIL image, label) pairs of `base` at `indices`, with a transform of their own: train and val share
-    one loaded dataset but not its augmentation."""
+    """`base` at `indices`, transformed: train and val share one loaded dataset but not its augmentation."""
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Any) -> None:
         self.base, self.transform = base, transform
@@ -33,21 +30,15 @@ class _Transformed(Dataset):
 class PerSamplePath:
     """The `DataPath` of `dm` that decodes and transforms image by image (see the module docstring)."""
 
-    def __init__(self, dm: ImageClassificationDataModule) -> None:
+    def __init__(self, dm: "ImageClassificationDataModule") -> None:
         self.dm = dm
 
     def read(self, train: bool) -> tuple[Dataset, torch.Tensor, list[str]] | None:
-        dataset = self.dm.load(train)
-        if dataset is None:
+        if (dataset := self.dm.load(train)) is None:
             return None
-        labels = getattr(dataset, "targets", None)  # torchvision's datasets list them without reading an image
-        if labels is None:
-            labels = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
-        names = list(getattr(dataset, "classes", self.dm.class_names))
-        return dataset, torch.as_tensor(labels, dtype=torch.long), names
+        return dataset, torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
 
     def view(self, source: Dataset, indices: Sequence[int] | None, train: bool) -> Dataset:
-        """Augmentation (train only) happens on the PIL image, before tensor conversion."""
         dm = self.dm
         augment = [T.RandomCrop(dm.input_shape[1:], padding=dm.crop_padding)] if train and dm.crop_padding else []
         augment += [T.RandomHorizontalFlip()] if train and dm.hflip else []

@@ -1,14 +1,8 @@
-"""Checkpoints: written atomically, opened without running anyone's code, and `open_run`, the one way a
-finished run is opened again (evaluate, predict, export).
-
-A `.ckpt` is a pickle, and unpickling can call any function the file names. Every checkpoint this project
-opens goes through `torch.load(weights_only=True)`, which rebuilds only tensors and plain containers: our
-checkpoints hold nothing else. From the run config stored in it, `open_run` instantiates only the model
-(and, when asked, the datamodule), and only when every `_target_` under them is a network or datamodule
-class of this project or of torch; a resumed run compares the stored config with its own (src/runs/record.py)
-and accepts the stored targets of this project's packages, those its own command names, and those under
-`trusted_packages`. Anything else is refused with one line naming it.
-"""
+"""Checkpoints: written atomically, read with `torch.load(weights_only=True)` (a `.ckpt` is a pickle, which can
+call any function it names; ours hold only tensors and plain values), and `open_run`, the one way a finished run
+is opened again (evaluate, predict, export). Of a stored config, `open_run` builds only network and datamodule
+classes of ours or torch's; a resumed run (src/runs/record.py) also accepts our packages' other components, what
+its own command names and `trusted_packages`. Any other `_target_` is refused with one line naming it."""
 
 from __future__ import annotations
 
@@ -31,8 +25,11 @@ from src.utils.io import write_atomically
 PROJECT = ("src.",)  # our own classes, and functions defined in src/callbacks and src/models (factories)
 FACTORIES = ("src.callbacks.", "src.models.")
 # Library classes a run config may name. Not all of torch: `torch.hub.load` as a target would fetch code.
-LIBRARY = ("torch.nn.", "torch.optim.", "lightning.Trainer", "lightning.pytorch.callbacks.",
-           "lightning.pytorch.loggers.", "lightning.pytorch.profilers.", "optuna.samplers.")  # fmt: skip
+LIBRARY = tuple(
+    "torch.nn. torch.optim. lightning.Trainer lightning.pytorch.callbacks. lightning.pytorch.loggers. "
+    "lightning.pytorch.profilers. optuna.samplers.".split()
+)
+NETWORK_OR_DATA: tuple[type, ...] = (torch.nn.Module, L.LightningDataModule)
 
 
 class CheckpointError(UserError):
@@ -52,9 +49,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         if re.search(r"GLOBAL|unsupported", str(e), re.IGNORECASE):  # a function, class or opcode it refuses
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f"it names {found.group(1)}" if found else str(e).strip().splitlines()[0]
-            raise CheckpointError(
-                f"{path} refused: loading it would run code ({what}); only checkpoints written by this project load"
-            ) from e
+            why = f"loading it would run code ({what}); only checkpoints written by this project load"
+            raise CheckpointError(f"{path} refused: {why}") from e
         raise CheckpointError(f"{path} is not a readable checkpoint (not written by PyTorch, or cut short: {e})") from e
 
 
@@ -81,18 +77,13 @@ def allowed_kinds() -> tuple[type, ...]:
     from lightning.pytorch.loggers import Logger
     from lightning.pytorch.profilers import Profiler
 
-    optim = torch.optim
-    return (torch.nn.Module, L.LightningDataModule, L.Callback, L.Trainer, Logger, Profiler, optim.Optimizer,
-            optim.lr_scheduler.LRScheduler, optuna.samplers.BaseSampler)  # fmt: skip
-
-
-NETWORK_OR_DATA: tuple[type, ...] = (torch.nn.Module, L.LightningDataModule)
+    kinds = (L.Callback, L.Trainer, Logger, Profiler, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+    return (*NETWORK_OR_DATA, *kinds, optuna.samplers.BaseSampler)
 
 
 def _refusal(target: Any, kinds: tuple[type, ...]) -> str | None:
-    """Why `target` may not be instantiated, or None. Beyond the package, the name must be a class of an allowed
-    kind in an importable module (`src.utils.io.os.system` passes a prefix, but `src.utils.io.os` is no module),
-    or a factory function defined in src/callbacks or src/models."""
+    """Why `target` may not be instantiated, or None: it must name a class of an allowed kind in an importable module
+    (`src.utils.io.os.system` passes a prefix check), or a factory function of src/callbacks or src/models."""
     if not isinstance(target, str) or not target.startswith((*PROJECT, *LIBRARY)):
         return f"outside the allowed packages ({', '.join((*PROJECT, *LIBRARY))})"
     module_name, _, name = target.rpartition(".")
@@ -100,36 +91,28 @@ def _refusal(target: Any, kinds: tuple[type, ...]) -> str | None:
         obj = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:  # e.g. a class of another version of this project
         return f"which is not a class of an importable module ({type(e).__name__}: {e})"
-    if isinstance(obj, type) and issubclass(obj, kinds):
-        return None
-    if callable(obj) and not isinstance(obj, type) and obj.__module__.startswith(FACTORIES):
+    factory = callable(obj) and not isinstance(obj, type) and obj.__module__.startswith(FACTORIES)
+    if factory or (isinstance(obj, type) and issubclass(obj, kinds)):
         return None
     return f"not a {'network or datamodule' if kinds == NETWORK_OR_DATA else 'component'} class of ours or torch's"
 
 
 def check_targets(
-    config: Any,
-    source: str | Path,
-    key: str = "",
-    kinds: tuple[type, ...] = NETWORK_OR_DATA,
-    trusted: Sequence[str] = (),
+    config: Any, source: str | Path, key: str = "", kinds: tuple[type, ...] = NETWORK_OR_DATA, trusted: Sequence = ()
 ) -> None:
-    """Refuse a config (`key` says where it sits) with a `_target_` that is not an allowed kind of class, unless
-    `trusted` names it or a package above it (a resumed run trusts what its own command names, and
-    `trusted_packages`)."""
+    """Refuse a config (at `key`) with a `_target_` that is not an allowed kind of class, unless `trusted` names it
+    or a package above it (a resumed run trusts what its own command names, and `trusted_packages`)."""
     for where, target in _targets(config, key):
         if isinstance(target, str) and any(target == t or target.startswith(f"{t}.") for t in trusted):
             continue
         if why := _refusal(target, kinds):
-            how = (
-                "" if kinds == NETWORK_OR_DATA else f"; if you trust it: trusted_packages=[{str(target).split('.')[0]}]"
-            )
+            package = str(target).split(".")[0]
+            how = "" if kinds == NETWORK_OR_DATA else f"; if you trust it: trusted_packages=[{package}]"
             raise CheckpointError(f"{source} refused: its config sets {where}._target_={target!r}, {why}{how}")
 
 
 def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
-    """The hyper-parameters of one of our checkpoints (class names, input shape, normalization, run config).
-    Memory-mapped: the weights are not read for this."""
+    """Our checkpoint's hyper-parameters (classes, input shape, normalization, run config); weights left unread."""
     content = read_checkpoint(path, mmap=True)
     hparams = content.get("hyper_parameters") if isinstance(content, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict) or "model" not in hparams["config"]:
@@ -140,10 +123,8 @@ def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
 def open_run(
     ckpt_path: str | Path, dataset: dict[str, Any] | None = None, map_location: Any = "cpu"
 ) -> tuple[ClassifierModule, L.LightningDataModule | None]:
-    """The trained ClassifierModule of a checkpoint, in eval mode: its network from the stored run config, its
-    classes, input shape and normalization from its hyper-parameters. With `dataset` (overrides of the stored
-    dataset config, e.g. `{"data_dir": ...}`; None values are ignored), also the run's datamodule, set up for
-    testing and checked to have the checkpoint's classes. Nothing else of the stored config is instantiated."""
+    """The checkpoint's ClassifierModule in eval mode; with `dataset` (overrides of the stored dataset config, None
+    values ignored), also the run's datamodule, set up for testing and checked to have the checkpoint's classes."""
     hparams = checkpoint_hparams(ckpt_path)
     config = OmegaConf.create(hparams["config"])
     check_targets(hparams["config"]["model"], ckpt_path, "model")
@@ -161,22 +142,18 @@ def open_run(
     datamodule = instantiate(config.dataset)
     datamodule.prepare_data()
     datamodule.setup("test")
-    if list(datamodule.class_names) != list(module.hparams.class_names):
-        raise CheckpointError(
-            f"the data has classes {datamodule.class_names} but {ckpt_path} was trained on "
-            f"{list(module.hparams.class_names)}"
-        )
+    if list(datamodule.class_names) != (names := list(module.hparams.class_names)):
+        raise CheckpointError(f"the data has classes {datamodule.class_names} but {ckpt_path} was trained on {names}")
     return module.eval(), datamodule
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """The Trainer's checkpoint reader and writer (`plugins=[SafeCheckpointIO()]`): every load is
-    `weights_only=True`, and every save goes through src/utils/io.py (a temporary file in the checkpoint's own
-    folder, renamed over it), so a run killed mid-save leaves the previous checkpoint intact."""
+    """The Trainer's checkpoint reader and writer: loads are `weights_only=True`, saves atomic (src/utils/io.py),
+    so a run killed mid-save leaves the previous checkpoint intact."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        """Restores state only (nothing in it is instantiated), so its config needs no check here."""
+        # Restores state only (nothing in it is instantiated), so its config needs no check here.
         return read_checkpoint(path, map_location=map_location or "cpu")

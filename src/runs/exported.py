@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -55,9 +54,9 @@ class Exported:
     logits: Callable[[torch.Tensor], torch.Tensor]  # images (N, C, H, W) in [0, 1] -> float32 logits on the CPU
 
 
-def _read_metadata(values: Mapping[str, str | bytes], name: str) -> dict[str, Any]:
-    missing = [key for key in METADATA if key not in values]
-    if missing:
+def _with_metadata(values: Mapping[str, str | bytes], name: str, logits: Callable) -> Exported:
+    """The model `logits` runs, with the metadata of its file `name`, checked."""
+    if missing := [key for key in METADATA if key not in values]:
         raise ExportError(f"{name} has no {missing[0]} metadata: only models exported by src.export can be used")
     try:
         meta = {key: json.loads(values[key]) for key in METADATA}
@@ -67,7 +66,7 @@ def _read_metadata(values: Mapping[str, str | bytes], name: str) -> dict[str, An
         raise ExportError(f"{name} has unreadable metadata ({e})") from e
     if len(shape) != 3 or len(names) < 2:
         raise ExportError(f"{name} has unusable metadata: input_shape {shape}, {len(names)} class names")
-    return {"class_names": names, "input_shape": shape, "mean": mean, "std": std}
+    return Exported(names, shape, mean, std, logits)
 
 
 def open_exported(data: bytes, fmt: str, name: str, device: str | torch.device = "cpu") -> Exported:
@@ -77,16 +76,13 @@ def open_exported(data: bytes, fmt: str, name: str, device: str | torch.device =
         import onnxruntime as ort
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ExportError(f"device={device} for an ONNX model needs onnxruntime-gpu; use device=cpu")
-            providers.insert(0, "CUDAExecutionProvider")
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ExportError(f"device={device} for an ONNX model needs onnxruntime-gpu; use device=cpu")
+        providers = (["CUDAExecutionProvider"] if device.type == "cuda" else []) + ["CPUExecutionProvider"]
         try:
             session = ort.InferenceSession(data, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error types: anything here is the file's fault
             raise ExportError(f"{name} is not a readable ONNX model ({first_line(e)})") from e
-        meta = _read_metadata(session.get_modelmeta().custom_metadata_map, name)
 
         def run_onnx(images: torch.Tensor) -> torch.Tensor:
             array = images.detach().cpu().float().contiguous().numpy()
@@ -95,17 +91,16 @@ def open_exported(data: bytes, fmt: str, name: str, device: str | torch.device =
             except InvalidArgument as e:  # an input it was not exported for
                 raise ExportError(f"{name} does not take images of shape {tuple(array.shape)}: {first_line(e)}") from e
 
-        return Exported(**meta, logits=run_onnx)
+        return _with_metadata(session.get_modelmeta().custom_metadata_map, name, run_onnx)
     files = {f"{key}.json": "" for key in METADATA}
     try:
         with quiet_torch_jit():
             script = torch.jit.load(io.BytesIO(data), map_location=device, _extra_files=files)
     except RuntimeError as e:  # torch.jit's error for anything that is not a TorchScript archive
         raise ExportError(f"{name} is not a readable TorchScript model ({first_line(e)})") from e
-    meta = _read_metadata({key: files[f"{key}.json"] for key in METADATA if files[f"{key}.json"]}, name)
 
     def run_script(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return script(images.to(device)).float().cpu()
 
-    return Exported(**meta, logits=run_script)
+    return _with_metadata({key: files[f"{key}.json"] for key in METADATA if files[f"{key}.json"]}, name, run_script)

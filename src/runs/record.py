@@ -1,12 +1,8 @@
 """A run's directory and its life: the Trainer that writes it, continuing it from a checkpoint, and
-`job_status.json`, which says how the run ended, whatever ended it:
-
-    COMPLETED     metrics.json holds the results
-    FAILED        `error` is the one-line reason (a diverged loss, a data error, a bug's message)
-    INTERRUPTED   Ctrl-C or SIGTERM; `resume_command` continues the run from checkpoints/last.ckpt
-
-A run killed outright (SIGKILL, power loss) has no status; `src.summarize` shows it as INCOMPLETE.
-"""
+`job_status.json`, which says how the run ended, whatever ended it: COMPLETED (metrics.json holds the results),
+FAILED (`error`: the one-line reason, e.g. a diverged loss, a data error, a bug's message) or INTERRUPTED (Ctrl-C
+or SIGTERM; `resume_command` continues the run from checkpoints/last.ckpt). A run killed outright (SIGKILL, power
+loss) has no status; `src.summarize` shows it as INCOMPLETE."""
 
 from __future__ import annotations
 
@@ -25,14 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from src.runs.checkpoints import (
-    SafeCheckpointIO,
-    allowed_kinds,
-    check_targets,
-    checkpoint_hparams,
-    config_targets,
-    read_checkpoint,
-)
+from src.runs import checkpoints
 from src.utils.config import ConfigError
 from src.utils.errors import RunInterrupted, Terminated, exit_code, one_line, sigterm_as_interrupt
 from src.utils.io import write_atomically
@@ -41,19 +30,19 @@ log = logging.getLogger(__name__)
 
 # Overrides that say where a run writes, whether it resumes or what it trusts, not what it computes.
 NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=", "trusted_packages=")
-# Settings a resumed run may change: training longer is what resuming is for; the rest only changes what
-# the console shows or how fast, never a result.
-RESUMABLE_CHANGES = ("trainer.max_epochs", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                     "callbacks.progress_bar", "compile")  # fmt: skip
+# Settings a resumed run may change: training longer is what resuming is for; the others only change what the
+# console shows or how fast, never a result.
+SHOWN_OR_SPEED = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar", "compile")
+RESUMABLE_CHANGES = ("trainer.max_epochs", *SHOWN_OR_SPEED)
 
 
 def build_trainer(cfg: DictConfig, only: tuple[str, ...] | None = None, extra: Sequence[L.Callback] = ()) -> L.Trainer:
-    """The Trainer with the config's callbacks (those named in `only`, if given) and `extra`, its loggers, and
-    checkpoints written atomically and read with weights_only=True."""
+    """The Trainer with the config's callbacks (those in `only`, if given), `extra`, its loggers, SafeCheckpointIO."""
     chosen = [c for name, c in (cfg.get("callbacks") or {}).items() if c and (only is None or name in only)]
     callbacks = [c for c in map(instantiate, chosen) if c is not None] + list(extra)  # a factory may give none
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()])
+    plugins = [checkpoints.SafeCheckpointIO()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
 def task_overrides() -> list[str]:
@@ -73,9 +62,8 @@ def _settings(overrides: Path | list[str]) -> list[str]:
 def find_last_checkpoint(runs_root: Path, overrides: list[str]) -> Path:
     """`last.ckpt` of the most recent run under `runs_root` started with the same settings."""
     wanted = _settings(overrides)
-    found = (p.parent.parent / "checkpoints" / "last.ckpt" for p in runs_root.glob("**/.hydra/overrides.yaml")
-             if _settings(p) == wanted)  # fmt: skip
-    if not (candidates := [c for c in found if c.is_file()]):
+    runs = [p.parent.parent for p in runs_root.glob("**/.hydra/overrides.yaml") if _settings(p) == wanted]
+    if not (candidates := [c for c in (r / "checkpoints" / "last.ckpt" for r in runs) if c.is_file()]):
         raise ConfigError(f"resume=true: no run under {runs_root}/ with overrides {wanted} has checkpoints/last.ckpt")
     return max(candidates, key=lambda c: c.stat().st_mtime)
 
@@ -87,37 +75,34 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between this run's config and the checkpoint's run config, ignoring
-    where runs write, whether they resume, and RESUMABLE_CHANGES."""
+    """Keys that differ from the checkpoint's run config, but for where runs write, resume and RESUMABLE_CHANGES."""
     now, then = _flat(OmegaConf.to_container(cfg, resolve=False)), _flat(saved)
-    resumable = RESUMABLE_CHANGES
-    if now.get("scheduler._target_") or then.get("scheduler._target_"):  # its saved state fixes the run's length
-        resumable = tuple(k for k in resumable if k != "trainer.max_epochs")
+    scheduled = now.get("scheduler._target_") or then.get("scheduler._target_")  # its state fixes the run's length
+    resumable = [k for k in RESUMABLE_CHANGES if not (scheduled and k == "trainer.max_epochs")]
     ignored = ("ckpt_path", "resume", "paths", "hydra", "trusted_packages", *resumable)
     keys = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
     return [k for k in keys if not any(k == i or k.startswith(f"{i}.") for i in ignored)]
 
 
 def resume_from(cfg: DictConfig) -> None:
-    """`ckpt_path=PATH` or `resume=true`: continue the run that wrote the checkpoint, in its own directory, so its
-    best-checkpoint tracking, TensorBoard curves and metrics.json carry on. A run directory that already holds a
-    run is continued too, never overwritten (a requeued job picks up where it stopped). Refused when a setting
-    other than RESUMABLE_CHANGES differs from that run's: its results would otherwise be silently rewritten."""
+    """`ckpt_path=PATH` or `resume=true`: continue the checkpoint's run in its own directory (best checkpoint,
+    TensorBoard curves and metrics.json carry on); a run directory that holds a run is continued, never overwritten.
+    Refused when a setting other than RESUMABLE_CHANGES differs: its results would be silently rewritten."""
     if cfg.resume and cfg.ckpt_path is None:
         cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    in_place = cfg.ckpt_path is None and own.is_file()  # a requeued SLURM job, or hydra.run.dir of an earlier run
-    if in_place:
+    if in_place := cfg.ckpt_path is None and own.is_file():  # a requeued SLURM job, or hydra.run.dir of an earlier run
         log.info("%s already holds a run: continuing it", cfg.paths.output_dir)
         cfg.ckpt_path = str(own)
     if cfg.ckpt_path is None:
         return
     checkpoint = Path(cfg.ckpt_path)
-    saved = checkpoint_hparams(checkpoint)["config"]
-    trusted = [*config_targets(OmegaConf.to_container(cfg, resolve=False)), *cfg.get("trusted_packages", [])]
-    check_targets(saved, checkpoint, kinds=allowed_kinds(), trusted=trusted)  # the run's own objects are built again
-    differ = differing_settings(cfg, saved)
-    if differ:
+    saved = checkpoints.checkpoint_hparams(checkpoint)["config"]
+    # The run's own objects are built again: trusted are those its command names, and trusted_packages.
+    own_targets = checkpoints.config_targets(OmegaConf.to_container(cfg, resolve=False))
+    trusted = [*own_targets, *cfg.get("trusted_packages", [])]
+    checkpoints.check_targets(saved, checkpoint, kinds=checkpoints.allowed_kinds(), trusted=trusted)
+    if differ := differing_settings(cfg, saved):
         what = f"{cfg.paths.output_dir} holds a run" if in_place else f"ckpt_path={checkpoint} was"
         instead = "choose another hydra.run.dir" if in_place else "start a new run without ckpt_path"
         raise ConfigError(
@@ -131,12 +116,10 @@ def resume_from(cfg: DictConfig) -> None:
 
 
 def resume_command(cfg: DictConfig) -> str:
-    """The command that continues this run: `resume=true` when that finds it (the run lies under
-    paths.runs_root), else `ckpt_path=` its last.ckpt."""
-    run_dir = Path(cfg.paths.output_dir).resolve()
+    """The command that continues this run: `resume=true` when that finds it, else `ckpt_path=` its last.ckpt."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ["..."]
     overrides = [o for o in overrides if not o.startswith(("resume=", "ckpt_path="))]
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = Path(cfg.paths.output_dir).resolve() / "checkpoints" / "last.ckpt"
     try:  # resume=true takes the newest matching run: say it only when that is this one
         found = find_last_checkpoint(Path(cfg.paths.runs_root), overrides).resolve() == last
     except ConfigError:
@@ -144,14 +127,9 @@ def resume_command(cfg: DictConfig) -> str:
     return shlex.join(["python", "-m", "src.train", *overrides, "resume=true" if found else f"ckpt_path={last}"])
 
 
-def write_status(run_dir: Path, status: dict[str, Any]) -> None:
-    write_atomically(run_dir / "job_status.json", json.dumps(status, indent=2) + "\n")
-
-
 class RunRecord:
-    """`with RunRecord(cfg) as record:` around a training run writes `job_status.json` however it ends, and turns
-    Ctrl-C or SIGTERM (a scheduler's stop, `kill`; handled alike) into a `RunInterrupted` that says how to
-    continue. Set `record.trainer` once it exists: it tells the epoch reached."""
+    """`with RunRecord(cfg) as record:` writes `job_status.json` however the run ends, and turns Ctrl-C or SIGTERM
+    into a `RunInterrupted` that says how to continue. Set `record.trainer` once it exists (the epoch reached)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -177,35 +155,26 @@ class RunRecord:
         if rank_zero_only.rank == 0:
             status["wall_time_s"] = round(time.time() - self.started, 3)
             run_dir = Path(self.cfg.paths.output_dir)
-            write_status(run_dir, status)
             hydra_dir = HydraConfig.get().runtime.get("output_dir") if HydraConfig.initialized() else None
-            invocation = Path(hydra_dir) if hydra_dir else run_dir
-            if invocation.resolve() != run_dir.resolve():  # a resumed run: this folder says where it went on
-                write_status(invocation, {**status, "continued_run": str(run_dir)})
+            statuses = {run_dir: status}
+            if hydra_dir and Path(hydra_dir).resolve() != run_dir.resolve():  # resumed: say where the run went on
+                statuses[Path(hydra_dir)] = {**status, "continued_run": str(run_dir)}
+            for folder, content in statuses.items():
+                write_atomically(folder / "job_status.json", json.dumps(content, indent=2) + "\n")
         if isinstance(interrupt, KeyboardInterrupt):
             raise RunInterrupted(message, exit_code(interrupt)) from None
 
     def _interrupted(self, signal_name: str) -> tuple[dict[str, Any], str]:
         last = Path(self.cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        completed = None
+        completed = command = None
         if last.is_file():
-            saved = read_checkpoint(last, mmap=True)  # at an epoch's end (or CheckpointAtStart's, at step 0)
+            saved = checkpoints.read_checkpoint(last, mmap=True)  # at an epoch's end (or CheckpointAtStart's, step 0)
             completed = saved["epoch"] + 1 if saved.get("global_step") else 0
-        command = resume_command(self.cfg)
-        status = {
-            "status": "INTERRUPTED",
-            "signal": signal_name,
-            "epoch": epoch,
-            "epochs_completed": completed,
-            "checkpoint": str(last) if completed is not None else None,
-            "resume_command": command if completed is not None else None,
-        }
+            command = resume_command(self.cfg)
+        status = {"status": "INTERRUPTED", "signal": signal_name, "epoch": epoch, "epochs_completed": completed}
+        status |= {"checkpoint": str(last) if completed is not None else None, "resume_command": command}
         if completed is None:
-            message = f"interrupted ({signal_name}) before the first checkpoint; nothing to resume: run it again"
-        else:
-            message = (
-                f"interrupted ({signal_name}) in epoch {epoch}; {last} holds the run after {completed} "
-                f"epoch{'' if completed == 1 else 's'}; continue with: {command}"
-            )
-        return status, message
+            return status, f"interrupted ({signal_name}) before the first checkpoint; nothing to resume: run it again"
+        where = f"{last} holds the run after {completed} epoch{'' if completed == 1 else 's'}"
+        return status, f"interrupted ({signal_name}) in epoch {epoch}; {where}; continue with: {command}"

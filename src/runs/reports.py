@@ -23,8 +23,10 @@ from src.utils.io import write_atomically
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-SUMMARY_KEYS = ("lr_find/suggestion", "val/acc_untrained", "val/loss", "val/acc", "test/loss", "test/acc",
-                "test/acc_top5", "test/ece_uncalibrated", "calibration/temperature", "test/ece")  # fmt: skip
+SUMMARY_KEYS = tuple(
+    "lr_find/suggestion val/acc_untrained val/loss val/acc test/loss test/acc test/acc_top5 test/ece_uncalibrated "
+    "calibration/temperature test/ece".split()
+)
 # Config sections that describe a run's hyper-parameters (for TensorBoard's HPARAMS tab).
 HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_smoothing", "trainer")
 
@@ -47,16 +49,14 @@ def chance_level(confusion_matrix: Sequence[Sequence[int]]) -> float:
 
 
 def format_table(metrics: dict[str, Any], keys: tuple[str, ...] = SUMMARY_KEYS) -> str:
-    """A short console table of the headline figures and per-class test accuracy, and a warning when the
-    model is no better than guessing."""
-    rows = [(k, f"{metrics[k]:.4g}" if k.startswith(("lr_find", "calibration")) else f"{metrics[k]:.4f}")
-            for k in keys if isinstance(metrics.get(k), float)]  # fmt: skip
-    per_class = ("acc_per_class", "precision_per_class", "recall_per_class", "f1_per_class")
+    """A console table of the headline figures and per-class scores; a warning when no better than guessing."""
+    values = {k: metrics[k] for k in keys if isinstance(metrics.get(k), float)}
+    rows = [(k, f"{v:.4g}" if k.startswith(("lr_find", "calibration")) else f"{v:.4f}") for k, v in values.items()]
     if "test/acc_per_class" in metrics:
         rows.append(("test, per class:", "   acc   prec  recall   f1"))
         for name in metrics["test/acc_per_class"]:
-            values = [metrics.get(f"test/{k}", {}).get(name) for k in per_class]
-            rows.append((f"  {name}", " ".join("     -" if v is None else f"{v:6.4f}" for v in values)))
+            scores = [metrics.get(f"test/{k}_per_class", {}).get(name) for k in ("acc", "precision", "recall", "f1")]
+            rows.append((f"  {name}", " ".join("     -" if v is None else f"{v:6.4f}" for v in scores)))
     width = max((len(k) for k, _ in rows), default=10) + 2
     line = "-" * (width + 28)
     table = [line, *(f"{k:<{width}}{v:>28}" for k, v in rows), line]
@@ -106,11 +106,10 @@ def report_run(
         return metrics
     output_dir = Path(output_dir)
     write_atomically(output_dir / "metrics.json", json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
-    names = metrics["class_names"]
-    save_figure(confusion_figure(result.confusion_matrix, names), trainer, output_dir, "confusion_matrix")
-    save_figure(
-        reliability_diagram(result.reliability, metrics.get("test/ece")), trainer, output_dir, "reliability_diagram"
-    )
+    figure = confusion_figure(result.confusion_matrix, metrics["class_names"])
+    save_figure(figure, trainer, output_dir, "confusion_matrix")
+    figure = reliability_diagram(result.reliability, metrics.get("test/ece"))
+    save_figure(figure, trainer, output_dir, "reliability_diagram")
     for logger in trainer.loggers:
         if untrained_acc is not None:
             logger.log_metrics({"val/acc_untrained": untrained_acc}, step=0)
@@ -135,18 +134,15 @@ def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> F
 
 
 def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> Figure:
-    """Accuracy against confidence per bin (bar width: the bin; shade: how many test images fell in it);
-    a calibrated model's bars reach the diagonal."""
+    """Accuracy against confidence per bin (shade: how many images); a calibrated model's bars reach the diagonal."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    total = max(1, sum(n for _, _, n in bins))
-    width = 1 / len(bins)
+    total, width = max(1, sum(n for _, _, n in bins)), 1 / len(bins)
     for i, (_, accuracy, count) in enumerate(bins):
-        ax.bar(
-            (i + 0.5) * width, accuracy, width=width, color="tab:blue", alpha=0.3 + 0.7 * count / total, edgecolor="k"
-        )
+        shade = 0.3 + 0.7 * count / total
+        ax.bar((i + 0.5) * width, accuracy, width=width, color="tab:blue", alpha=shade, edgecolor="k")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy")
     ax.set_title("Reliability diagram" + (f" (ECE {ece:.4f}, {len(bins)} bins)" if ece is not None else ""))
@@ -156,8 +152,7 @@ def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | N
 
 def _log_hparams(logger: Logger, module: ClassifierModule, metrics: dict[str, Any], overrides: Sequence[str]) -> None:
     """The run's command-line overrides first (in a sweep, what varies), then the config sections."""
-    config = module.hparams.get("config")
-    if not config:
+    if not (config := module.hparams.get("config")):
         return
     config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)

@@ -1,9 +1,8 @@
 """Results table of a sweep: every run with its overrides, status, best val loss, test accuracy, epochs and
 wall time, sorted by the optimized metric, plus mean/std over runs that differ only by `seed` or fold.
 `python -m src.summarize DIR` writes it for any folder of runs; `SweepSummary` (a Hydra callback in
-conf/train.yaml) rewrites it after every job of a sweep, so a crashed or interrupted sweep still has a
-table of what finished, and names the sweep's job folders after what the sweep varies.
-"""
+conf/train.yaml) rewrites it after every job, so a crashed or interrupted sweep still has a table of what
+finished, and names the sweep's job folders after what the sweep varies."""
 
 from __future__ import annotations
 
@@ -29,6 +28,12 @@ from src.utils.resolvers import SWEEP_KEYS
 COLUMNS = ("run", "status", "overrides", "val/loss", "val/acc", "test/acc", "test/loss", "epochs", "wall_time_s")
 STATS = ("val/acc", "test/acc", "val/loss", "test/loss")
 GROUPED_BY = ("seed=", "dataset.fold=")  # runs that differ only by these are repeats of one setting
+UNFINISHED = {
+    "FAILED": "Failed runs",
+    "INTERRUPTED": "Interrupted runs (Ctrl-C or SIGTERM)",
+    "INCOMPLETE": "Runs without a result (still running, or killed outright)",
+}
+_SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag)\(")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -42,31 +47,27 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per run directory (a folder with `.hydra/overrides.yaml`) under `sweep_dir`, 2_... before 10_..."""
     rows = []
     found = sweep_dir.glob("**/.hydra/overrides.yaml")
-    for overrides_file in sorted(
-        found, key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(p))]
-    ):
-        run_dir = overrides_file.parent.parent
+    for file in sorted(found, key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", str(p))]):
+        run_dir = file.parent.parent
         metrics, job = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "job_status.json")
         resume = job.get("resume_command")
-        rows.append({
-            "run": str(run_dir.relative_to(sweep_dir)),
-            # No job_status.json: still running, or killed outright (SIGKILL, power loss).
-            "status": job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE"),
-            "overrides": " ".join(o for o in OmegaConf.load(overrides_file) if not str(o).startswith("hydra.")),
-            "error": job.get("error") or (f"continue with: {resume}" if resume else ""),
-            "wall_time_s": round(job["wall_time_s"], 1) if "wall_time_s" in job else None,
-            **{k: metrics.get(k) for k in COLUMNS if k.startswith(("val/", "test/", "epochs"))},
-        })  # fmt: skip
+        row = {"run": str(run_dir.relative_to(sweep_dir))}
+        # No job_status.json: still running, or killed outright (SIGKILL, power loss).
+        row["status"] = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")
+        row["overrides"] = " ".join(o for o in OmegaConf.load(file) if not str(o).startswith("hydra."))
+        row["error"] = job.get("error") or (f"continue with: {resume}" if resume else "")
+        row["wall_time_s"] = round(job["wall_time_s"], 1) if "wall_time_s" in job else None
+        rows.append(row | {k: metrics.get(k) for k in COLUMNS if k.startswith(("val/", "test/", "epochs"))})
     return rows
 
 
 def aggregate_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over completed runs whose overrides differ only by GROUPED_BY (repeats with other seeds,
-    the folds of a cross-validation)."""
+    """Mean and std over completed runs whose overrides differ only by GROUPED_BY (other seeds, or folds)."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for row in (r for r in rows if r["status"] == "COMPLETED" and any(o.startswith(GROUPED_BY) for o in
-                                                                        r["overrides"].split())):  # fmt: skip
-        groups.setdefault(" ".join(o for o in row["overrides"].split() if not o.startswith(GROUPED_BY)), []).append(row)
+    for row in rows:
+        kept = [o for o in row["overrides"].split() if not o.startswith(GROUPED_BY)]
+        if row["status"] == "COMPLETED" and len(kept) < len(row["overrides"].split()):
+            groups.setdefault(" ".join(kept), []).append(row)
     table = []
     for overrides, group in ((o, g) for o, g in groups.items() if len(g) > 1):
         entry: dict[str, Any] = {"overrides": overrides, "runs": len(group)}
@@ -98,16 +99,14 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str], csv_file: Path, e
 def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
     """Write summary.csv and summary.md (and summary_groups.csv) into `sweep_dir`, best first by `metric`
     (ascending for losses), runs without it last; return the Markdown."""
-    sign = 1 if "loss" in metric else -1
-    rows = sorted(collect(sweep_dir), key=lambda r: (0, sign * r[metric]) if isinstance(r.get(metric), (int, float))
-                  else (1, 0.0))  # fmt: skip
+    sign, rows = 1 if "loss" in metric else -1, collect(sweep_dir)
+    rows.sort(key=lambda r: (0, sign * r[metric]) if isinstance(r.get(metric), (int, float)) else (1, 0.0))
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
     for row in rows:  # each row keeps only what the sweep varied
         row["overrides"] = " ".join(o for o in row["overrides"].split() if o not in common)
     text = f"# Sweep {sweep_dir}\n\nEvery run: {' '.join(sorted(common)) or '(no common overrides)'}\n"
     text += f"Sorted by {metric}.\n\n" + _table(rows, COLUMNS, sweep_dir / "summary.csv", ["error"])
-    for status, title in (("FAILED", "Failed runs"), ("INTERRUPTED", "Interrupted runs (Ctrl-C or SIGTERM)"),
-                          ("INCOMPLETE", "Runs without a result (still running, or killed outright)")):  # fmt: skip
+    for status, title in UNFINISHED.items():
         if these := [f"- {r['run']} ({r['overrides']}) {r['error']}".rstrip() for r in rows if r["status"] == status]:
             text += f"\n\n{title}:\n" + "\n".join(these)
     if groups := aggregate_groups(rows):
@@ -116,9 +115,6 @@ def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
         text += _table(groups, columns, sweep_dir / "summary_groups.csv")
     write_atomically(sweep_dir / "summary.md", text + "\n")
     return text
-
-
-_SWEEP_FUNCTION = re.compile(r"^(range|choice|interval|glob|tag)\(")
 
 
 def varying_keys(overrides: list[str], searched: list[str]) -> list[str]:
@@ -133,8 +129,7 @@ def varying_keys(overrides: list[str], searched: list[str]) -> list[str]:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: in a sweep, rewrites the sweep's summary table after every job (each run writes its
-    own job_status.json, src/runs.py)."""
+    """Hydra callback: in a sweep, rewrites the summary after every job (whose run writes job_status.json)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         searched = list((config.hydra.sweeper.get("params") or {}).keys())

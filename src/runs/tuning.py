@@ -1,11 +1,7 @@
-"""What train does before and after fitting, when asked:
-
-    python -m src.train lr_find=true     # Lightning's learning-rate finder picks optimizer.lr (lr_find.png)
-    python -m src.train calibrate=true   # temperature scaling: test ECE before and after, T in the best checkpoint
-
-Temperature scaling (Guo et al., 2017): one scalar T, fitted on the validation split, divides the logits so
-the predicted probabilities match how often the model is right. The predicted classes do not change.
-"""
+"""What train does before and after fitting, when asked: `lr_find=true` (Lightning's learning-rate finder picks
+optimizer.lr; lr_find.png) and `calibrate=true` (temperature scaling, Guo et al. 2017: one scalar T, fitted on the
+validation split, divides the logits so the predicted probabilities match how often the model is right; the
+predicted classes do not change; test ECE before and after, T stored in the best checkpoint)."""
 
 from __future__ import annotations
 
@@ -24,14 +20,12 @@ from src.utils.errors import UserError
 
 
 def find_lr(trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule, output_dir: str) -> float:
-    """Run Lightning's finder with `trainer` (one without the run's checkpointing callbacks: the finder fits for
-    a few steps and restores the weights afterwards), and bind its suggestion as the optimizer's lr (and as
-    the one-cycle schedule's max_lr, which follows optimizer.lr in conf/scheduler/onecycle.yaml)."""
+    """Lightning's finder, run with `trainer` (without the run's checkpointing: it fits a few steps, then restores the
+    weights); its suggestion becomes the optimizer's lr (and one-cycle's max_lr, which follows optimizer.lr)."""
     from lightning.pytorch.tuner import Tuner
 
     finder = Tuner(trainer).lr_find(module, datamodule=datamodule, update_attr=False)
-    suggestion = finder.suggestion() if finder is not None else None
-    if suggestion is None:
+    if finder is None or (suggestion := finder.suggestion()) is None:
         raise UserError("lr_find=true: the learning-rate finder found no suggestion (too few training steps?)")
     import matplotlib.pyplot as plt  # Lightning draws the curve with pyplot
 
@@ -78,8 +72,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
 
 def calibrate(trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule) -> dict[str, float]:
-    """Fit the temperature on the validation split with `trainer` (built with a CollectLogits callback) and
-    set it on `module`; returns what calibration.json-style reports need."""
+    """Fit the temperature on the validation split with `trainer` (which has a CollectLogits) and set it on `module`."""
     if trainer.world_size > 1:  # each process would see only its share of the validation split
         raise UserError("calibrate=true runs on one device: add trainer.devices=1 (or calibrate a checkpoint later)")
     collect = next(c for c in trainer.callbacks if isinstance(c, CollectLogits))
@@ -95,9 +88,8 @@ def calibrate(trainer: L.Trainer, module: ClassifierModule, datamodule: L.Lightn
 
 
 def store_temperature(checkpoint: str | Path, temperature: float) -> None:
-    """Write the temperature into the checkpoint whose weights it was fitted on (the run's best), so evaluate,
-    predict and export use it. Not into last.ckpt: its weights differ, and a resumed run compares its val
-    loss with the best one measured at temperature 1."""
+    """Write the temperature into the checkpoint it was fitted on (the best), for evaluate, predict and export. Not
+    into last.ckpt: its weights differ, and a resumed run compares its val loss with the best one at temperature 1."""
     if checkpoint and Path(checkpoint).is_file():
         content = read_checkpoint(checkpoint)
         content["state_dict"]["temperature"] = torch.tensor(temperature)
