@@ -18,8 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src.models.classifier import ClassifierModule
-from src.runs.checkpoints import open_run
-from src.runs.exported import FORMATS, METADATA, Exported, ExportError, first_line, open_exported, quiet_torch_jit
+from src.runs.checkpoints import (
+    FORMATS,
+    METADATA,
+    Exported,
+    ExportError,
+    first_line,
+    open_exported,
+    open_run,
+    quiet_torch_jit,
+)
 from src.utils.command import entry_point
 from src.utils.config import positive_int
 from src.utils.io import write_atomically

@@ -23,8 +23,7 @@ from torchvision.transforms import functional as TF
 
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
-from src.runs.checkpoints import open_run
-from src.runs.exported import format_of, open_exported
+from src.runs.checkpoints import format_of, open_exported, open_run
 from src.utils.command import entry_point
 from src.utils.config import positive_int
 from src.utils.errors import RunInterrupted, UserError, exit_code, sigterm_as_interrupt

@@ -31,8 +31,7 @@ from torchvision.datasets import MNIST
 
 from src.data import DataError
 from src.export import Exportable, export
-from src.runs.checkpoints import open_run
-from src.runs.exported import METADATA, ExportError, open_exported
+from src.runs.checkpoints import METADATA, ExportError, open_exported, open_run
 from src.utils.errors import UserError, one_line
 
 pytestmark = pytest.mark.slow  # the module's runs fixture trains five models; fast tier: tests/test_predict.py

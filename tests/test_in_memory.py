@@ -15,9 +15,8 @@ from conftest import dead_pid, model_batch, write_idx, write_image, write_image_
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from src.data.augment import BatchAugment, random_crop, random_hflip, rotate
 from src.data.image_folder import ImageFolderDataModule
-from src.data.in_memory import InMemoryPath
+from src.data.in_memory import BatchAugment, InMemoryPath, random_crop, random_hflip, rotate
 from src.data.mnist import FashionMNISTDataModule
 from src.data.per_sample import PerSamplePath
 

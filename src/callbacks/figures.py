@@ -1,6 +1,5 @@
-"""Figures of a run, as PNG files in the run directory and images in TensorBoard: two callbacks draw the test
-predictions, the most confident mistakes and a training batch as grids (PIL: milliseconds, not matplotlib's
-seconds); `save_figure` also takes the matplotlib figures of src/runs/reports.py (imported only then)."""
+"""Figures of a run (PNG files and TensorBoard images): grids of test predictions, of the most confident mistakes
+and of a training batch, drawn with PIL (milliseconds, not matplotlib's seconds)."""
 
 from __future__ import annotations
 
@@ -65,8 +64,7 @@ def _norm(pl_module: L.LightningModule) -> dict[str, Sequence[float]]:
 
 
 class PredictionFigures(L.Callback):
-    """Test-set grids: the first `num_images` predictions titled "predicted (true)", green when right and
-    red when wrong, and the `num_images` most confident mistakes."""
+    """The first `num_images` test predictions, "predicted (true)" in green or red, and the most confident mistakes."""
 
     def __init__(self, output_dir: str, num_images: int = 20) -> None:
         self.output_dir = Path(output_dir)
@@ -120,9 +118,8 @@ class PredictionFigures(L.Callback):
 
 
 class TrainBatchFigure(L.Callback):
-    """The first training batch as the model sees it (after augmentation), titled with its labels. The images
-    are kept at the first step and drawn when training ends (or stops on an error), so drawing (about a
-    second of matplotlib) neither delays the start of training nor interrupts it."""
+    """The first training batch as the model sees it (augmented), with its labels; drawn when training ends (or
+    stops on an error), so drawing never delays training."""
 
     def __init__(self, output_dir: str, num_images: int = 20) -> None:
         self.output_dir = Path(output_dir)

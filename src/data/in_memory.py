@@ -1,5 +1,6 @@
 """The in-memory data path: each split decoded once to uint8, cached next to the data, kept on the training device
-where it fits; a batch is one gather, normalized and augmented on that device (`augment.py`), not PIL per image."""
+where it fits; a batch is one gather, normalized and augmented on that device as `PerSamplePath.view` would do
+it per image (RandomCrop, RandomHorizontalFlip, RandomRotation with nearest, zero fill; `ReseedEachEpoch` seeds it)."""
 
 import hashlib
 import logging
@@ -9,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler, SequentialSampler
 
-from src.data.augment import BatchAugment
 from src.utils.io import write_atomically
 
 if TYPE_CHECKING:
@@ -89,6 +90,63 @@ def available_memory(device: torch.device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # not Linux: assume it fits, as a user choosing this path would
         return 1 << 62
+
+
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Each image shifted by its own offset in [-padding, padding] per axis, zero-filled (RandomCrop's windows);
+    returns channels-last memory."""
+    (b, _, h, w), device = images.shape, images.device
+    padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+    top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
+    left = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
+    rows = torch.arange(h, device=device).view(1, h, 1) + top
+    cols = torch.arange(w, device=device).view(1, 1, w) + left
+    return padded[torch.arange(b, device=device).view(b, 1, 1), rows, cols].permute(0, 3, 1, 2)
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    flip = torch.rand(len(images), device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Image i rotated counter-clockwise by degrees[i] as torchvision's rotate does (nearest, zero fill)."""
+    b, _, h, w = images.shape
+    angle = torch.deg2rad(degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # The rotation in pixel units, written in affine_grid's [-1, 1] coordinates (they scale x and y apart).
+    theta = torch.stack([cos, -sin * h / w, zero, sin * w / h, cos, zero], 1).view(b, 2, 3)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+class BatchAugment:
+    """uint8 (B, C, H, W) -> normalized float32, augmented when training."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_padding: int = 0,
+        hflip: bool = False,
+        rotation: float = 0.0,
+    ) -> None:
+        # (x / 255 - mean) / std as one multiply-add.
+        self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
+        self.crop_padding, self.hflip, self.rotation = crop_padding, hflip, rotation
+
+    def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.crop_padding:
+            images = random_crop(images, self.crop_padding)
+        if train and self.hflip:
+            images = random_hflip(images)
+        images = images.float()
+        if train and self.rotation:  # each image by its own angle in [-rotation, rotation]
+            images = rotate(images, (torch.rand(len(images), device=images.device) * 2 - 1) * self.rotation)
+        if self.scale.device != images.device:
+            self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
+        return torch.addcmul(self.shift, images, self.scale)
 
 
 class InMemoryPath:

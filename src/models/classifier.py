@@ -58,10 +58,9 @@ def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 def warmup_then_decay(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, start_factor: float, end_factor: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """airbench's schedule (conf/scheduler/warmup_decay.yaml), stepped per optimizer step: each group's rate
-    rises linearly from `start_factor` x to 1 x over the first `warmup` fraction of the steps (BN statistics
-    and momentum settle before the large steps), then falls linearly to `end_factor` x at the end (the final
-    low-rate steps are where a short run gains most). It multiplies every group's rate: `norm_lr_scale` stays."""
+    """airbench's schedule, stepped per optimizer step: each group's rate rises linearly from `start_factor` x over
+    the first `warmup` of the steps (BN statistics and momentum settle before the large steps), then falls
+    linearly to `end_factor` x (the final low-rate steps gain most). Multiplying keeps `norm_lr_scale`."""
     from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
     warm = int(total_steps * warmup)
@@ -102,13 +101,10 @@ class ClassifierModule(L.LightningModule):
         norm_lr_scale: float = 1.0,
         compile: bool = False,
     ) -> None:
-        """`optimizer`/`scheduler`: Hydra partials completed with our parameters; `lr_scheduler`: Lightning's
-        scheduler settings (`interval`, `frequency`) and `total_steps_key`, the scheduler argument that gets the
-        run's number of optimizer steps (conf/scheduler/*.yaml). `channels_last`: NHWC images and conv weights,
-        which oneDNN and cuDNN convolve faster. `config`: the run config, kept in the checkpoint. `tta`: default
-        the config's. `norm_lr_scale`: normalization parameters train at lr x it and weight decay / it (the same
-        decay per step; airbench gives BN biases 64x). `compile`: torch.compile the network in place (its
-        parameter names, so checkpoints, stay those of the plain network)."""
+        """`optimizer`/`scheduler`: Hydra partials; `lr_scheduler`: Lightning's settings (`interval`) and
+        `total_steps_key`, the scheduler argument given the run's step count. `channels_last`: NHWC, which oneDNN
+        and cuDNN convolve faster. `config`: kept in the checkpoint. `norm_lr_scale`: normalization parameters
+        train at lr x it and weight decay / it (airbench: 64). `compile`: in place (checkpoints unchanged)."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.hparams.mean, self.hparams.std = (per_channel(v, int(input_shape[0])) for v in (mean, std))
@@ -123,8 +119,8 @@ class ClassifierModule(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
-        # Training loss and accuracy: each step's loss and correct predictions kept on the device (no op beyond
-        # an argmax and a compare), summed once an epoch: metric objects cost more per step than a small model.
+        # Each step's loss and hits stay on the device (an argmax and a compare), summed once an epoch: metric
+        # objects cost more per step than a small model's step.
         self.train_steps: list[tuple[torch.Tensor, torch.Tensor]] = []
         # validate_args=False: the checks read values back from the device, a host sync on every step.
         # Val needs only the accuracy that checkpoints and sweeps watch; test reports per class, the confusion

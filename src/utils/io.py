@@ -48,8 +48,8 @@ def remove_stale_temps(folder: Path, stem: str) -> None:
 def write_atomically(
     target: Path, content: bytes | str | Callable[[BinaryIO], object], stem: str | None = None
 ) -> None:
-    """Write `content` (bytes, text, or a function writing to the open file) to `target` through a temporary
-    file; `stem` (default: the target's name) groups the temporary files whose stale leftovers go first."""
+    """Write `content` (bytes, text, or a function given the open file) to `target`; `stem` (default: its name)
+    groups the temporary files whose stale leftovers are removed first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = stem or target.name

@@ -1,9 +1,5 @@
-"""The config resolvers, registered on any import of `src` (light: omegaconf only), so every entry point and
-every saved run config re-resolved later finds them:
-
-- `${fast_precision:${trainer.accelerator}}`, the recipes' `trainer.precision`;
-- `${sweep_subdir:${hydra.job.num},${hydra.overrides.task}}`, a sweep job's folder name.
-"""
+"""The config resolvers (`${fast_precision:...}`, `${sweep_subdir:...}`), registered on any import of `src`
+(omegaconf only), so every entry point and every saved run config re-resolved later finds them."""
 
 from __future__ import annotations
 
@@ -15,10 +11,9 @@ SWEEP_KEYS = "IMAGE_CLASSIFY_SWEEP_KEYS"  # the keys a sweep varies, for its job
 
 
 def fast_precision(accelerator: str) -> str:
-    """bf16 autocast where the hardware computes bfloat16 natively (CUDA GPUs that support it; CPUs with
-    AVX-512 or AMX, where oneDNN has bf16 kernels), else full precision: on an AVX2-only CPU bf16 autocast ran
-    the Fashion-MNIST recipe 12x slower than 32-true (RESULTS.md). A CUDA GPU without bf16 gets fp16 autocast;
-    Apple's MPS, 32-true. The device is the one Lightning's `auto` and `gpu` pick: CUDA, then MPS, then CPU."""
+    """The recipes' `trainer.precision`: bf16 autocast where the hardware has bf16 (CUDA GPUs that support it; CPUs
+    with AVX-512 or AMX), else full precision (on an AVX2-only CPU bf16 ran 12x slower); fp16 on older CUDA GPUs,
+    32-true on Apple's MPS. The device is the one Lightning's `auto`/`gpu` pick: CUDA, then MPS, then CPU."""
     import torch  # here, not at the top: configs compose without torch's import time
 
     cuda = torch.cuda.is_available()
@@ -29,8 +24,7 @@ def fast_precision(accelerator: str) -> str:
 
 
 def sweep_subdir(num: int, overrides: list[str]) -> str:
-    """A sweep job's folder: its number and its values of the keys the sweep varies (folder-safe), so the
-    folder (and TensorBoard's run name) says what differs: `3_model=mlp,optimizer.lr=0.003`."""
+    """A sweep job's folder, its number and the values of what the sweep varies: `3_model=mlp,optimizer.lr=0.003`."""
     keys = set(os.environ.get(SWEEP_KEYS, "").split(","))
     varying = ",".join(o for o in overrides if o.partition("=")[0].lstrip("+~") in keys)
     name = varying.replace("/", "_")[:200]
