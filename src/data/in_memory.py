@@ -48,8 +48,10 @@ class TensorBatches:
         self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A generator: the order is drawn at the first batch, after Lightning has set the sampler's epoch (a
+        # resumed run calls iter() before that).
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.dataset.images.device)
-        return map(self.dataset.__getitems__, order.split(self.batch_size))
+        yield from map(self.dataset.__getitems__, order.split(self.batch_size))
 
     def __len__(self) -> int:
         return ceil(len(self.sampler) / self.batch_size)
