@@ -20,12 +20,12 @@ $(FASHION_MNIST): | .venv/installed
 train: .venv/installed $(FASHION_MNIST)
 	$(PY) -m src.train $(ARGS)
 
-# Fast tier first (in-process, tiny data; what to run while editing), then the slow tier (CLI subprocesses,
-# sweeps, DDP, signals, longer training). `pytest` alone runs both.
+# Fast tier first (in-process, tiny data; what to run while editing), then the slow tier (the commands as a
+# user runs them, sweeps, DDP, signals). One worker per core (pytest-xdist); a module's tests share a worker.
 test: .venv/installed
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -m "not slow"
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -n auto --dist loadscope -m "not slow"
+	$(PY) -m pytest -n auto --dist loadscope -m slow
 
 lint: .venv/installed
 	$(PY) -m ruff check src tests

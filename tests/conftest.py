@@ -217,16 +217,20 @@ def offline_dataset(dataset: str, data_dir: Path) -> list[str]:
     return overrides
 
 
-def compose_train(overrides: Sequence[str], run_dir: Path) -> DictConfig:
-    """Compose conf/train.yaml as `python -m src.train` would and prepare Hydra's runtime like run_job
-    does (output dir `run_dir`); returns the task config (no `hydra` key), as the task function receives
-    it. Whoever calls this resets `HydraConfig.instance().cfg = None` afterwards (compose_cfg does)."""
+def compose_train(overrides: Sequence[str], run_dir: Path, name: str = "train") -> DictConfig:
+    """Compose conf/NAME.yaml as `python -m src.NAME` would and prepare Hydra's runtime like run_job does
+    (output dir `run_dir`); returns the task config (no `hydra` key), as the task function receives it.
+    Whoever calls this resets `HydraConfig.instance().cfg = None` afterwards (compose_cfg does)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = [*overrides, f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"]
+    overrides = [*overrides, f"hydra.run.dir={run_dir}"]
+    if name in ("train", "evaluate"):
+        overrides.append(f"paths.output_dir={run_dir}")
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
     with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
@@ -242,11 +246,24 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """compose_train for one test; the run directory defaults to `tmp_path / "run"`."""
     from hydra.core.hydra_config import HydraConfig
 
-    def _compose(overrides: Sequence[str], run_dir: Path | None = None) -> DictConfig:
-        return compose_train(overrides, run_dir or tmp_path / "run")
+    def _compose(overrides: Sequence[str], run_dir: Path | None = None, name: str = "train") -> DictConfig:
+        return compose_train(overrides, run_dir or tmp_path / "run", name)
 
     yield _compose
     HydraConfig.instance().cfg = None
+
+
+def one_line_error(command: Callable[[], object], capsys: pytest.CaptureFixture) -> str:
+    """What an entry point's main() does with `command`'s error (src/utils/errors.py): exit 1 and one line on
+    stderr, no traceback; returns that line. In-process: the commands' own runs are in the slow tier."""
+    from src.utils.errors import report_errors
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        report_errors(command)
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
 
 
 @dataclass(frozen=True)

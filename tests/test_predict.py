@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, FASHION_CLASSES, REPO_ROOT, cli_env, write_image
+from conftest import CONF_DIR, FASHION_CLASSES, REPO_ROOT, cli_env, one_line_error, write_image
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -170,9 +170,7 @@ def _empty(tmp_path: Path) -> Path:
     return folder
 
 
-# --- the command, in a subprocess as a user runs it ------------------------------------------------
-@pytest.mark.slow
-def test_predict_other_sizes_modes_and_unreadable_files(checkpoint: Path, tmp_path: Path) -> None:
+def test_predict_other_sizes_modes_and_unreadable_files(checkpoint: Path, tmp_path: Path, capsys) -> None:
     """Gray PNG of another size, RGB JPEG, RGBA PNG, palette GIF are converted to 28x28 gray and predicted;
     a corrupt, a missing and a truncated file each get one error line, and the exit status is 1."""
     good = [
@@ -187,20 +185,20 @@ def test_predict_other_sizes_modes_and_unreadable_files(checkpoint: Path, tmp_pa
     truncated.write_bytes(good[1].read_bytes()[:300])
     missing = tmp_path / "in" / "missing.png"
     out = tmp_path / "out"
-    result = run_predict(checkpoint, as_list([good[0], corrupt, good[1], missing, good[2], truncated, good[3]]), out)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 3, result.stderr
+    listed = as_list([good[0], corrupt, good[1], missing, good[2], truncated, good[3]])
+    assert predict(compose_predict(f"ckpt_path={checkpoint}", f"images={listed}"), out) == 1  # the exit status
+    result = capsys.readouterr()
+    errors = [line for line in result.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, result.err
     assert errors[0].startswith(f"error: {corrupt}: ") and "not an image" in errors[0]
     assert errors[1] == f"error: {missing}: file not found"
     assert errors[2].startswith(f"error: {truncated}: ") and "truncated" in errors[2]
-    check_outputs(out, good, result.stdout, unreadable=[corrupt, missing, truncated])
+    check_outputs(out, good, result.out, unreadable=[corrupt, missing, truncated])
     assert [r["path"] for r in read_predictions(out)] == [  # input order, unreadable ones included
         str(p) for p in (good[0], corrupt, good[1], missing, good[2], truncated, good[3])
     ]
-    assert f"run directory: {out}" in result.stdout
-    assert "3 of 7 images could not be read" in result.stderr
+    assert f"run directory: {out}" in result.out
+    assert "3 of 7 images could not be read" in result.err
 
 
 def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -220,13 +218,11 @@ def test_predict_folder(checkpoint: Path, tmp_path: Path, capsys: pytest.Capture
     assert sorted(row["figure"] for row in rows) == ["a-2.png", "a.png", "b.png", "c.png"]
 
 
-@pytest.mark.slow
-def test_predict_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+def test_predict_missing_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
     image = write_image(tmp_path / "x.png", "L", (28, 28), 0)
-    result = run_predict(tmp_path / "nope.ckpt", f"[{image}]", tmp_path / "out")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr and result.stdout.strip() == ""
-    assert result.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}"
+    cfg = compose_predict(f"ckpt_path={tmp_path / 'nope.ckpt'}", f"images=[{image}]")
+    line = one_line_error(lambda: predict(cfg, tmp_path / "out"), capsys)
+    assert line == f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}\n" and capsys.readouterr().out == ""
 
 
 # --- whole-command errors, in-process (no interpreter start-up per case) ------------------------------

@@ -4,8 +4,6 @@ real-format data, `evaluate` reproducing a run, and resuming a killed run exactl
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from conftest import (
     REPO_ROOT,
     UNEVEN_TEST_LABELS,
     offline_dataset,
+    one_line_error,
     run_cli,
     write_cifar_batches,
     write_idx,
@@ -22,12 +21,13 @@ from conftest import (
 )
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict, read_write
+from omegaconf import OmegaConf, open_dict, read_write
 from PIL import Image
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from src.evaluate import evaluate
 from src.train import train
+from src.utils.config import ConfigError
 
 FIGURES = ("confusion_matrix", "test_predictions", "worst_misclassified", "train_batch")
 
@@ -120,29 +120,18 @@ def test_evaluate_reproduces_the_training_runs_test_metrics(fashion_run, compose
     assert json.loads((run_dir / "metrics.json").read_text()) == trained  # the run's own folder is left alone
 
 
-@pytest.mark.slow
-def test_evaluate_errors_are_one_line(fashion_run, tmp_path):
-    trained = fashion_run.metrics
+def test_evaluate_errors_are_one_line(fashion_run, compose_cfg, tmp_path, capsys):
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("hello")
     other_data = write_image_folder(tmp_path / "other", classes=("a", "b"), train_per_class=4, test_per_class=2)
     cases = [
         ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], f"checkpoint not found: {tmp_path / 'missing.ckpt'}"),
         ([f"ckpt_path={not_a_checkpoint}"], f"{not_a_checkpoint} is not a readable checkpoint"),
-        ([f"ckpt_path={trained['best_checkpoint']}", f"dataset.data_dir={other_data}"], "FashionMNIST not found"),
+        ([f"ckpt_path={fashion_run.last}", f"dataset.data_dir={other_data}"], "FashionMNIST not found"),
     ]
     for args, expected in cases:
-        result = subprocess.run(
-            [sys.executable, "-m", "src.evaluate", *args, f"hydra.run.dir={tmp_path / 'e'}"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        output = result.stdout + result.stderr
-        assert result.returncode == 1, output
-        assert "Traceback" not in output and output.count("error:") == 1, output
-        assert expected in result.stderr, output
+        cfg = compose_cfg(args, tmp_path / "e", name="evaluate")
+        assert expected in one_line_error(lambda cfg=cfg: evaluate(cfg), capsys)
 
 
 @pytest.mark.slow
@@ -180,16 +169,17 @@ def test_run_killed_during_epoch_3_resumes_to_the_uninterrupted_result(compose_c
     assert after["test/loss"] == full["test/loss"]
 
 
-@pytest.mark.slow
-def test_resume_true_finds_the_last_checkpoint_of_the_matching_run(tmp_path):
+def test_resume_true_finds_the_last_checkpoint_of_the_matching_run(compose_cfg, tmp_path, caplog):
     write_idx(tmp_path / "data", n_train=60, gz=True)
-    common = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=mlp", *FAST, f"paths.runs_root={tmp_path}"]
+    common = [*offline_dataset("fashion_mnist", tmp_path / "data"), "model=mlp", *FAST, *NO_FIGURES]
+    common.append(f"paths.runs_root={tmp_path}")
     first = tmp_path / "runs" / "first"
-    started = run_cli(*common, f"hydra.run.dir={first}")
-    assert started.returncode == 0, started.stderr
+    train(compose_cfg(common, first))
+    (first / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(common), first / ".hydra" / "overrides.yaml")  # what Hydra's run keeps
     assert json.loads((first / "metrics.json").read_text())["epochs"] == 1
-    other = run_cli(*common, "resume=true", "model.hidden=[8]", f"hydra.run.dir={tmp_path / 'runs' / 'other'}")
-    assert other.returncode == 1 and "no run under" in other.stderr  # other overrides: not the same run
-    again = run_cli(*common, "resume=true", f"hydra.run.dir={tmp_path / 'runs' / 'again'}")
-    assert again.returncode == 0, again.stderr
-    assert f"resuming from {first / 'checkpoints' / 'last.ckpt'}" in again.stdout + again.stderr
+    with pytest.raises(ConfigError, match="no run under"):  # other overrides: not the same run
+        train(compose_cfg([*common, "resume=true", "model.hidden=[8]"], tmp_path / "runs" / "other"))
+    with caplog.at_level("INFO"):
+        train(compose_cfg([*common, "resume=true"], tmp_path / "runs" / "again"))
+    assert f"resuming from {first / 'checkpoints' / 'last.ckpt'}" in caplog.text

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, NO_FIGURES, REPO_ROOT, cli_env, offline_dataset, run_cli, write_idx, write_image
+from conftest import (
+    FAST,
+    NO_FIGURES,
+    REPO_ROOT,
+    cli_env,
+    offline_dataset,
+    one_line_error,
+    run_cli,
+    write_idx,
+    write_image,
+)
 
 from src.callbacks.training import TrainingDiverged
 from src.runs.checkpoints import (
@@ -77,21 +87,24 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> s
 
 
 # --- safe loading ---------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_hostile_checkpoint_is_refused_by_predict_evaluate_and_train_and_runs_nothing(data, tmp_path):
+def test_hostile_checkpoint_is_refused_by_predict_evaluate_and_train_and_runs_nothing(
+    data, tmp_path, compose_cfg, capsys
+):
+    from src.evaluate import evaluate
+    from src.predict import predict
+
     marker = tmp_path / "pwned"
     hostile = tmp_path / "shared.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": CreatesFileWhenUnpickled(marker)}, hostile)
-    image = tmp_path / "shoe.png"
-    write_image(image, "L", (28, 28), 50)
-    out = f"hydra.run.dir={tmp_path / 'out'}"
-    results = {
-        "predict": command("src.predict", f"ckpt_path={hostile}", f"images=[{image}]", out),
-        "evaluate": command("src.evaluate", f"ckpt_path={hostile}", out),
-        "train": command("src.train", *offline_dataset("fashion_mnist", data), *FAST, f"ckpt_path={hostile}", out),
+    image = write_image(tmp_path / "shoe.png", "L", (28, 28), 50)
+    out, ckpt = tmp_path / "out", f"ckpt_path={hostile}"
+    commands = {
+        "predict": lambda: predict(compose_cfg([ckpt, f"images=[{image}]"], out, name="predict"), out),
+        "evaluate": lambda: evaluate(compose_cfg([ckpt], out, name="evaluate")),
+        "train": lambda: train(compose_cfg([*offline_dataset("fashion_mnist", data), *FAST, ckpt], out)),
     }
-    for result in results.values():
-        assert_one_line_error(result, "refused", "run code (it names ")  # names what it would have called
+    for command in commands.values():  # one line that names what it would have called
+        assert "refused" in (line := one_line_error(command, capsys)) and "run code (it names " in line
     assert not marker.exists(), "unpickling ran the checkpoint's code"
 
 
@@ -133,14 +146,14 @@ def test_opening_a_run_builds_only_its_network_and_data_and_refuses_any_other_mo
             open_run(doctored_checkpoint(fashion_run.last, tmp_path, "model", target))
 
 
-@pytest.mark.slow
-def test_evaluate_refuses_a_model_target_outside_the_allowed_packages_with_one_line(fashion_run, tmp_path):
-    result = command(
-        "src.evaluate",
-        f"ckpt_path={doctored_checkpoint(fashion_run.last, tmp_path, 'model')}",
-        f"hydra.run.dir={tmp_path / 'e'}",
-    )
-    assert_one_line_error(result, "os.system", "refused")
+def test_evaluate_refuses_a_model_target_outside_the_allowed_packages_with_one_line(
+    fashion_run, tmp_path, compose_cfg, capsys
+):
+    from src.evaluate import evaluate
+
+    cfg = compose_cfg([f"ckpt_path={doctored_checkpoint(fashion_run.last, tmp_path, 'model')}"], name="evaluate")
+    line = one_line_error(lambda: evaluate(cfg), capsys)
+    assert "os.system" in line and "refused" in line
 
 
 @pytest.mark.parametrize(
@@ -220,10 +233,11 @@ def test_nan_or_inf_loss_stops_the_run_naming_epoch_and_step(compose_cfg, data, 
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-@pytest.mark.slow
-def test_diverged_cli_run_is_one_line_and_exit_1(data, tmp_path):
-    args = [*offline_dataset("fashion_mnist", data), *FAST, "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6"]
-    assert_one_line_error(run_cli(*args, f"hydra.run.dir={tmp_path / 'r'}"), "training diverged", "optimizer.lr")
+def test_diverged_run_is_one_line_and_exit_1(data, compose_cfg, capsys):
+    cfg = compose_cfg([*offline_dataset("fashion_mnist", data), *FAST, *NO_FIGURES, "model=cnn2", "optimizer=sgd",
+                       "optimizer.lr=1e6"])  # fmt: skip
+    line = one_line_error(lambda: train(cfg), capsys)
+    assert "training diverged" in line and "optimizer.lr" in line
 
 
 def test_run_at_chance_level_says_so_in_metrics_and_table(compose_cfg, tmp_path, capsys):
@@ -255,6 +269,22 @@ def test_resume_with_other_settings_is_refused_listing_them(compose_cfg, fashion
     # (in-process runs have no .hydra folder, so this one writes to r2 instead of the trained run's folder)
     assert strict_json_load(tmp_path / "r2" / "metrics.json")["epochs"] == 2
     assert strict_json_load(fashion_run.run_dir / "metrics.json") == fashion_run.metrics  # the shared run is as it was
+
+
+def test_a_run_resumed_from_its_epoch_end_checkpoint_ends_as_the_uninterrupted_run(compose_cfg, data, tmp_path):
+    """In-process, what the SIGKILL test (slow tier) checks end to end: augmentation, dropout and the batch order
+    of every epoch depend on (seed, epoch) alone, so continuing from last.ckpt gives the same metrics."""
+    common = [*offline_dataset("fashion_mnist", data), "model=cnn2", "model.hidden=[16]", "model.dropout=0.3"]
+    common += ["dataset.hflip=true", "dataset.crop_padding=2", *NO_FIGURES, *[o for o in FAST if "epochs" not in o]]
+    train(compose_cfg([*common, "trainer.max_epochs=3"], tmp_path / "full"))
+    train(compose_cfg([*common, "trainer.max_epochs=2"], tmp_path / "two"))
+    train(
+        compose_cfg(
+            [*common, "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'two/checkpoints/last.ckpt'}"], tmp_path / "r"
+        )
+    )
+    full, resumed = (strict_json_load(tmp_path / d / "metrics.json") for d in ("full", "r"))
+    assert (resumed["test/loss"], resumed["val/loss"]) == (full["test/loss"], full["val/loss"])
 
 
 # --- interruption ---------------------------------------------------------------------------------------
