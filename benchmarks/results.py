@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gzip
 import importlib.metadata
 import json
 import os
@@ -37,6 +38,7 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -121,16 +123,16 @@ def seconds(m: Measurement, fmt: str = "{:.0f} s") -> str:
     return fmt.format(m.wall_s) + ("*" if m.busy else "")
 
 
-THROUGHPUT_LINE = re.compile(r"^(?P<case>\S.*?)\s+" + r"\s+".join(rf"(?P<v{i}>[\d.]+)" for i in range(7)) + r"\s*$")
+THROUGHPUT_LINE = re.compile(r"^(?P<case>\S.*?)\s+" + r"\s+".join(rf"(?P<v{i}>[\d.]+)" for i in range(9)) + r"\s*$")
 
 
 def parse_throughput(output: str) -> dict[str, list[float]]:
-    """{case: [a, b, b', c, c/a, c/b, c/b']} from the table `python -m benchmarks.throughput` prints."""
+    """{case: [a, b, b', l, c, c/a, c/b, c/b', c/l]} from the table `python -m benchmarks.throughput` prints."""
     rows = {}
     for line in output.splitlines():
         match = THROUGHPUT_LINE.match(line)
         if match:
-            rows[match["case"]] = [float(match[f"v{i}"]) for i in range(7)]
+            rows[match["case"]] = [float(match[f"v{i}"]) for i in range(9)]
     return rows
 
 
@@ -139,7 +141,7 @@ def throughput_cells(case: str) -> Callable[[Measurement], list[str]]:
         values = parse_throughput(m.output).get(case)
         if values is None:
             raise RuntimeError(f"benchmarks.throughput printed no line for {case!r}")
-        return [f"{v:,.0f}" for v in values[:4]] + [f"{v:.2f}" for v in values[4:]]
+        return [f"{v:,.0f}" for v in values[:5]] + [f"{v:.2f}" for v in values[5:]]
 
     return cells
 
@@ -218,6 +220,15 @@ def ablation_cells(m: Measurement, measured: dict[str, Measurement]) -> list[str
     return [percent(acc), change, seconds(m)]
 
 
+MNIST = ["dataset.data_dir={data_dir}", "dataset.local_copies=[{mnist_dir}]", "dataset.download=false"]
+MNIST_7200 = ["dataset.data_dir={data_dir}", "dataset.download=false"]  # staged by run_job: 7,200 train digits
+SEEDS = (0, 1)  # the recipes' bars are means over two seeds
+
+
+def seed_jobs(name: str, overrides: list[str], data: list[str], needs: tuple[str, ...]) -> list[Job]:
+    return [train_job(f"{name}-seed{seed}", [*overrides, f"seed={seed}"], data, needs) for seed in SEEDS]
+
+
 JOBS = {
     job.name: job
     for job in [
@@ -232,20 +243,16 @@ JOBS = {
             ("fashion",),
             after="fashion_cnn_adam",
         ),
-        train_job("fast_fashion_mnist", ["experiment=fast_fashion_mnist"], FASHION, ("fashion",)),
+        *seed_jobs("fast_fashion_mnist", ["experiment=fast_fashion_mnist"], FASHION, ("fashion",)),
         train_job(
             "fast_fashion_mnist_per_sample",
-            ["experiment=fast_fashion_mnist", "dataset.in_memory=false"],
+            ["experiment=fast_fashion_mnist", "dataset.in_memory=false", "seed=0"],
             FASHION,
             ("fashion",),
         ),
-        train_job("fast_cifar10", ["experiment=fast_cifar10"], CIFAR, ("cifar",)),
-        train_job(
-            "fast_mnist",
-            ["experiment=fast_mnist"],
-            ["dataset.data_dir={data_dir}", "dataset.local_copies=[{mnist_dir}]", "dataset.download=false"],
-            ("mnist",),
-        ),
+        *seed_jobs("fast_mnist", ["experiment=fast_mnist"], MNIST, ("mnist",)),
+        train_job("fast_mnist_7200", ["experiment=fast_mnist", "seed=0"], MNIST_7200, ("mnist",)),
+        *seed_jobs("fast_cifar10", ["experiment=fast_cifar10"], CIFAR, ("cifar",)),
         train_job("fast_cifar10_gpu", ["experiment=fast_cifar10_gpu"], CIFAR, ("cifar", "gpu")),
         *(
             train_job(f"ablation-{name}", ["experiment=fast_cifar10", *ablation_overrides(change)], CIFAR, ("cifar",))
@@ -257,6 +264,12 @@ JOBS = {
             ("fashion",),
             reads_metrics=False,
         ),
+        Job(
+            "startup",
+            ["python", "-m", "benchmarks.startup", "--mnist-dir", "{mnist_dir}"],
+            ("mnist",),
+            reads_metrics=False,
+        ),  # fmt: skip
     ]
 }
 
@@ -271,14 +284,59 @@ def evaluate_cells(m: Measurement, measured: dict[str, Measurement]) -> list[str
     return ["real Fashion-MNIST", f"{percent(acc)} ({same})", seconds(m)]
 
 
-def recipe(data: str, bar: str) -> Callable[[Measurement, dict], list[str]]:
-    return lambda m, _: [data, bar, percent(m.metrics["test/acc"]), seconds(m, "{:.1f} s")]
+def per_epoch_val_acc(run_dir: Path) -> list[float]:
+    """The run's val/acc after each epoch, from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (run_dir / "tensorboard").is_dir():
+        return []
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars("val/acc")] if "val/acc" in events.Tags()["scalars"] else []
+
+
+def recipe_cells(data: str, bar: str) -> Callable[[Measurement, dict], list[str]]:
+    """data, bar, epochs, val accuracy after each epoch, test accuracy, wall time."""
+
+    def cells(m: Measurement, _: dict) -> list[str]:
+        val = " ".join(f"{100 * v:.1f}" for v in m.metrics.get("val/acc_per_epoch", []))
+        return [data, bar, str(m.metrics["epochs"]), val, percent(m.metrics["test/acc"]), seconds(m)]
+
+    return cells
+
+
+def seed_rows(name: str, label: str, data: str, bar: str) -> list[Row]:
+    """A row per seed and one with their mean."""
+
+    def mean(m: Measurement, measured: dict[str, Measurement]) -> list[str]:
+        runs = [measured[f"{name}-seed{seed}"] for seed in SEEDS]
+        acc, wall = statistics.mean(r.metrics["test/acc"] for r in runs), statistics.mean(r.wall_s for r in runs)
+        return ["", bar, "", "", f"**{percent(acc)}**", f"{wall:.0f} s" + "*" * any(r.busy for r in runs)]
+
+    rows = [Row(f"{name}-seed{seed}", f"{label} `seed={seed}`", f"{name}-seed{seed}", recipe_cells(data, bar))
+            for seed in SEEDS]  # fmt: skip
+    return [*rows, Row(f"{name}-mean", f"{label}, mean of {len(SEEDS)} seeds", f"{name}-seed{SEEDS[-1]}", mean)]
 
 
 def throughput_row(name: str, label: str, case: str) -> Row:
     cells = throughput_cells(case)
     return Row(name, label, "throughput", lambda m, _: cells(m))
 
+
+def printed(pattern: str) -> Callable[[Measurement, dict], list[str]]:
+    """The value a benchmark printed on the line `pattern` (a regex with one group)."""
+
+    def cells(m: Measurement, _: dict) -> list[str]:
+        found = re.search(pattern, m.output, re.M)
+        if not found:
+            raise RuntimeError(f"the benchmark printed no line matching {pattern!r}")
+        return [found[1]]
+
+    return cells
+
+
+RECIPE_HEADER = ["command", "data", "bar", "epochs", "val accuracy per epoch (%)", "test accuracy", "wall time"]
+CIFAR_DATA = "CIFAR-10 JPEGs: 40k `train/` (39.2k train, 0.8k val), 10k held-out `test/`"
 
 TABLES = [
     Table(
@@ -329,41 +387,30 @@ TABLES = [
     ),
     Table(
         "recipes",
-        ["recipe", "data", "bar", "test accuracy", "wall time"],
+        RECIPE_HEADER,
         [
+            *seed_rows("fast_fashion_mnist", "`fast_fashion_mnist`", "real Fashion-MNIST, 54k/6k/10k", ">= 94.0%"),
+            *seed_rows("fast_mnist", "`fast_mnist`", "real MNIST, 54k/6k/10k", ">= 99.5%"),
             Row(
-                "fast_fashion_mnist",
-                "`fast_fashion_mnist`",
-                "fast_fashion_mnist",
-                recipe("real Fashion-MNIST (Debian's copy), 54k train / 6k val / official 10k test", "94.0% in 5 min"),
-            ),
-            Row(
-                "fast_cifar10",
-                "`fast_cifar10 dataset=image_folder`",
-                "fast_cifar10",
-                recipe(
-                    "the CIFAR-10 JPEG training split: 40k in `train/` (39.2k train / 0.8k val), 10k held out in "
-                    "`test/` (1,000 per class)",
-                    "93% in 15 min",
-                ),
-            ),
-            Row("fast_mnist", "`fast_mnist`", "fast_mnist", recipe("real MNIST (`--mnist-dir`)", "99.5% in 2 min")),
-            Row(
-                "fast_cifar10_gpu",
-                "`fast_cifar10_gpu`",
-                "fast_cifar10_gpu",
-                recipe("the CIFAR-10 JPEG split as above, one GPU", "94% in 10 s of training"),
+                "fast_mnist_7200",
+                "`fast_mnist` on 7,200 digits, `seed=0`",
+                "fast_mnist_7200",
+                recipe_cells("the first 7,200 MNIST train digits (6,480/720), official 10k test", ">= 99.15%"),
             ),
         ],
+        together=True,
+    ),
+    Table(
+        "cifar10", RECIPE_HEADER, seed_rows("fast_cifar10", "`fast_cifar10`", CIFAR_DATA, "see below"), together=True
     ),
     Table(
         "data-paths",
-        ["`experiment=fast_fashion_mnist`", "test accuracy", "wall time"],
+        ["`experiment=fast_fashion_mnist seed=0`", "test accuracy", "wall time"],
         [
             Row(
                 "in-memory",
                 "`dataset.in_memory=true` (default)",
-                "fast_fashion_mnist",
+                "fast_fashion_mnist-seed0",
                 lambda m, _: [percent(m.metrics["test/acc"]), seconds(m, "{:.1f} s")],
             ),
             Row(
@@ -383,11 +430,47 @@ TABLES = [
     ),
     Table(
         "throughput",
-        ["case", "(a) seed loop", "(b) in-memory loop", "(b') + channels-last", "(c) ours", "c/a", "c/b", "c/b'"],
+        [
+            "case",
+            "(a) seed loop",
+            "(b) in-memory loop",
+            "(b') + channels-last",
+            "(l) Lightning",
+            "(c) ours",
+            "c/a",
+            "c/b",
+            "c/b'",
+            "c/l",
+        ],  # fmt: skip
         [
             throughput_row("throughput-cnn2-64", "cnn2, Fashion-MNIST, batch 64", "cnn2 Fashion-MNIST batch 64"),
             throughput_row("throughput-cnn2-256", "cnn2, Fashion-MNIST, batch 256", "cnn2 Fashion-MNIST batch 256"),
             throughput_row("throughput-cnn3-128", "cnn3, CIFAR-10-shaped, batch 128", "cnn3 CIFAR-10-shaped batch 128"),
+            Row("throughput-worst-l", "worst c/l (target >= 0.95)", "throughput", printed(r"^worst c/l = ([\d.]+)")),
+            Row(
+                "throughput-worst-b256",
+                "worst c/b' at batch >= 256 (target >= 0.95)",
+                "throughput",
+                printed(r"^worst c/b' at batch >= 256 = ([\d.]+)"),
+            ),  # fmt: skip
+        ],
+    ),
+    Table(
+        "startup",
+        ["`python -m benchmarks.startup` (fresh processes, warm .pyc, median of 5)", "ours / bare"],
+        [
+            Row(
+                "startup-whole",
+                "whole run: 1-batch fit, val, test and every output (target <= 1.2)",
+                "startup",
+                printed(r"^whole run ours/bare = ([\d.]+)"),
+            ),  # fmt: skip
+            Row(
+                "startup-first-step",
+                "command to the first training step (target <= 1.2)",
+                "startup",
+                printed(r"^first step ours/bare = ([\d.]+)"),
+            ),  # fmt: skip
         ],
     ),
 ]
@@ -602,6 +685,8 @@ def run_job(job: Job, cmd: list[str], folder: Path, log: Path, args: argparse.Na
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(cwd)], check=True)
     if "cifar" in job.needs:  # decoding into a fresh cache is part of the measured time
         shutil.rmtree(Path(args.cifar_dir) / ".cache", ignore_errors=True)
+    if job.name == "fast_mnist_7200":
+        write_mnist_subset(Path(args.mnist_dir), folder / "data" / job.name / "MNIST" / "raw", 7200)
     if job.name == "throughput":  # benchmarks.throughput stages from Debian's copy itself; give it ours
         data = folder / "data" / job.name
         data.mkdir(parents=True, exist_ok=True)
@@ -629,8 +714,20 @@ def run_job(job: Job, cmd: list[str], folder: Path, log: Path, args: argparse.Na
         settings = re.search(r"^images/second, (median of .*?), torch [^,]*, (.*)$", m.output, re.M)
         m.note = f"{settings[1]}, {settings[2]}" if settings else ""
     if job.reads_metrics:
-        m.metrics = read_metrics(folder / job.name)
+        m.metrics = {**read_metrics(folder / job.name), "val/acc_per_epoch": per_epoch_val_acc(folder / job.name)}
     return m
+
+
+def write_mnist_subset(source: Path, target: Path, n: int) -> None:
+    """MNIST's IDX files in torchvision's layout with only the first `n` training digits (the test split whole)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        data = next(p for p in (source / name, source / f"{name}.gz") if p.is_file()).read_bytes()
+        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        if name.startswith("train"):
+            header, size = (16, 784) if "images" in name else (8, 1)
+            data = data[:4] + n.to_bytes(4, "big") + data[8:header] + data[header : header + n * size]
+        (target / name).write_bytes(data)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -174,11 +174,15 @@ def test_dry_run_lists_the_commands_of_each_table(tmp_path, capsys):
         "fashion_mlp_adam: python -m src.train experiment=fashion_mlp_adam ",
         f"cifar_cnn3_sgd: python -m src.train experiment=cifar_cnn3_sgd dataset=image_folder dataset.data_dir={cifar}",
         "evaluate: python -m src.evaluate 'ckpt_path=<best checkpoint of fashion_cnn_adam>'",
-        "fast_fashion_mnist: python -m src.train experiment=fast_fashion_mnist ",
-        f"fast_cifar10: python -m src.train experiment=fast_cifar10 dataset=image_folder dataset.data_dir={cifar}",
-        "fast_mnist: skipped, kept as it is: no real MNIST",
-        "per-sample: python -m src.train experiment=fast_fashion_mnist dataset.in_memory=false ",
+        "fast_fashion_mnist-seed0: python -m src.train experiment=fast_fashion_mnist seed=0 ",
+        "fast_fashion_mnist-seed1: python -m src.train experiment=fast_fashion_mnist seed=1 ",
+        f"fast_cifar10-seed0: python -m src.train experiment=fast_cifar10 seed=0 dataset=image_folder "
+        f"dataset.data_dir={cifar}",
+        "fast_mnist-seed0: skipped, kept as it is: no real MNIST",
+        "fast_mnist_7200: skipped, kept as it is: no real MNIST",
+        "per-sample: python -m src.train experiment=fast_fashion_mnist dataset.in_memory=false seed=0 ",
         "throughput-cnn2-64: python -m benchmarks.throughput --data-dir ",
+        "startup-whole: skipped, kept as it is: no real MNIST",
     ]:
         assert expected in out, expected
     for line in out.splitlines():
@@ -195,11 +199,15 @@ def test_only_picks_tables_and_rows_and_the_runs_they_read():
     tables, jobs = results.selected("evaluate")
     assert jobs == {"evaluate", "fashion_cnn_adam"}
     assert [t.name for t in tables] == ["seed-experiments"]
-    tables, jobs = results.selected("data-paths")
-    assert jobs == {"fast_fashion_mnist", "fast_fashion_mnist_per_sample"}
-    assert [t.name for t in tables] == ["recipes", "data-paths"]  # fast_fashion_mnist's recipe row too
-    tables, jobs = results.selected("fast_fashion_mnist")  # its data-paths row is half a comparison
-    assert jobs == {"fast_fashion_mnist", "fast_fashion_mnist_per_sample"}
+    recipes = {
+        *(f"fast_{name}-seed{seed}" for name in ("fashion_mnist", "mnist") for seed in (0, 1)),
+        "fast_mnist_7200",
+    }
+    tables, jobs = results.selected("data-paths")  # a comparison: both rows; its seed-0 run is half of recipes
+    assert jobs == {*recipes, "fast_fashion_mnist_per_sample"}
+    assert [t.name for t in tables] == ["recipes", "data-paths"]
+    tables, jobs = results.selected("fast_fashion_mnist-seed0")  # its data-paths row is half a comparison
+    assert jobs == {*recipes, "fast_fashion_mnist_per_sample"}
     with pytest.raises(SystemExit, match="nope"):
         results.selected("nope")
 
@@ -208,8 +216,8 @@ def test_a_comparison_table_is_rewritten_only_when_all_its_rows_were_measured():
     table = next(t for t in results.TABLES if t.name == "data-paths")
     content = results.region((REPO_ROOT / "RESULTS.md").read_text(), "data-paths")
     m = Measurement(100.0, 0.0, {"test/acc": 0.9}, when="d", machine="M")
-    assert results.render_region(content, table, {"fast_fashion_mnist": m}) == content
-    both = results.render_region(content, table, {"fast_fashion_mnist": m, "fast_fashion_mnist_per_sample": m})
+    assert results.render_region(content, table, {"fast_fashion_mnist-seed0": m}) == content
+    both = results.render_region(content, table, {"fast_fashion_mnist-seed0": m, "fast_fashion_mnist_per_sample": m})
     assert both.count("| 90.00% | 100.0 s |") == 2
 
 
@@ -247,37 +255,63 @@ def test_a_command_is_timed_and_its_metrics_read_back(tmp_path, monkeypatch):
 
 
 def test_parse_throughput_output():
-    header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(c) ours", "c/a", "c/b", "c/b'"]
-    printed = [f"\n{'case':32}" + "".join(f"{h:>15}" for h in header[:4]) + "".join(f"{h:>7}" for h in header[4:])]
-    for name, (a, b, bc, c) in [
-        ("cnn2 Fashion-MNIST batch 64", (10166, 14313, 18263, 17148)),
-        ("cnn2 Fashion-MNIST batch 256", (13909, 21646, 26579, 22719)),
-        ("cnn3 CIFAR-10-shaped batch 128", (5065, 5868, 7656, 6739)),
+    header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(l) Lightning", "(c) ours", "c/a", "c/b", "c/b'", "c/l"]
+    printed = [f"\n{'case':32}" + "".join(f"{h:>15}" for h in header[:5]) + "".join(f"{h:>7}" for h in header[5:])]
+    for name, (a, b, bc, lit, c) in [
+        ("cnn2 Fashion-MNIST batch 64", (10166, 14313, 18263, 16000, 17148)),
+        ("cnn2 Fashion-MNIST batch 256", (13909, 21646, 26579, 24000, 22719)),
+        ("cnn3 CIFAR-10-shaped batch 128", (5065, 5868, 7656, 6500, 6739)),
     ]:
-        printed.append(f"{name:32}{a:15.0f}{b:15.0f}{bc:15.0f}{c:15.0f}{c / a:7.2f}{c / b:7.2f}{c / bc:7.2f}")
-    printed.append("images/second, median of 3 rounds of 100 timed steps, torch 2.14.1, 2 threads")
+        ratios = "".join(f"{c / x:7.2f}" for x in (a, b, bc, lit))
+        printed.append(f"{name:32}{a:15.0f}{b:15.0f}{bc:15.0f}{lit:15.0f}{c:15.0f}{ratios}")
+    printed += ["images/second, median of 3 rounds of 100 timed steps, torch 2.14.1, 2 threads",
+                "worst c/l = 0.95", "worst c/b' at batch >= 256 = 0.85"]  # fmt: skip
     m = Measurement(300, None, output="\n".join(printed))
     assert results.throughput_cells("cnn2 Fashion-MNIST batch 64")(m) == [
-        "10,166",
-        "14,313",
-        "18,263",
-        "17,148",
-        "1.69",
-        "1.20",
-        "0.94",
-    ]
-    assert results.throughput_cells("cnn3 CIFAR-10-shaped batch 128")(m)[3] == "6,739"
+        "10,166", "14,313", "18,263", "16,000", "17,148", "1.69", "1.20", "0.94", "1.07"
+    ]  # fmt: skip
+    assert results.throughput_cells("cnn3 CIFAR-10-shaped batch 128")(m)[4] == "6,739"
     with pytest.raises(RuntimeError, match="batch 256"):  # the run then counts as failed: rows kept
         results.throughput_cells("cnn2 Fashion-MNIST batch 256")(Measurement(300, output=printed[1]))
     m.note, m.other_load, m.when, m.machine = "median of 3 rounds of 100 timed steps, 2 threads", 0.5, "d", "M"
     table = next(t for t in results.TABLES if t.name == "throughput")
     content = results.render_region("\n\n", table, {"throughput": m})
-    assert "| cnn2, Fashion-MNIST, batch 64 | 10,166 | 14,313 | 18,263 | 17,148 | 1.69 | 1.20 | 0.94 |" in content
+    assert (
+        "| cnn2, Fashion-MNIST, batch 64 | 10,166 | 14,313 | 18,263 | 16,000 | 17,148 | 1.69 | 1.20 | 0.94 | 1.07 |"
+        in (content)
+    )
+    assert "| worst c/l (target >= 0.95) | 0.95 |" in content
+    assert "| worst c/b' at batch >= 256 (target >= 0.95) | 0.85 |" in content
     assert (
         "`throughput-cnn2-64` (median of 3 rounds of 100 timed steps, 2 threads; other processes added 0.50 cores)"
         in content
     )
     assert results.STAR_NOTE not in content  # no wall time here
+
+
+def test_recipe_rows_give_each_seed_its_epochs_and_the_mean_of_two(tmp_path):
+    table = next(t for t in results.TABLES if t.name == "recipes")
+    metrics = {"epochs": 5, "val/acc_per_epoch": [0.99, 0.995]}
+    runs = {
+        f"fast_mnist-seed{s}": Measurement(100 + s, None, {**metrics, "test/acc": 0.995 + s / 1000}) for s in (0, 1)
+    }
+    rows = {row.name: row.cells(runs[row.job], runs) for row in table.rows if row.job in runs}
+    assert rows["fast_mnist-seed0"][2:] == ["5", "99.0 99.5", "99.50%", "100 s"]
+    assert rows["fast_mnist-mean"][4:] == ["**99.55%**", "100 s"]
+    assert results.per_epoch_val_acc(tmp_path) == []  # no TensorBoard events: no per-epoch figures
+
+
+def test_the_7200_digit_subset_keeps_the_first_training_digits_and_the_whole_test_split(tmp_path):
+    from conftest import write_idx
+
+    write_idx(tmp_path / "mnist", n_train=20, gz=True)
+    results.write_mnist_subset(tmp_path / "mnist", tmp_path / "subset", 7)
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    full = read_image_file(str(tmp_path / "subset" / "t10k-images-idx3-ubyte"))
+    train, labels = (read(str(tmp_path / "subset" / f"train-{kind}")) for read, kind in
+                     ((read_image_file, "images-idx3-ubyte"), (read_label_file, "labels-idx1-ubyte")))  # fmt: skip
+    assert train.shape == (7, 28, 28) and labels.tolist() == list(range(7)) and len(full) == 30
 
 
 def test_missing_data_skips_rows(tmp_path):
