@@ -104,7 +104,8 @@ class EpochLines(ProgressBar):
             return
         metrics = self.get_metrics(trainer, pl_module)
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"epoch {epoch}/{trainer.max_epochs}: {shown} ({time.monotonic() - self._started:.1f} s)", flush=True)
+        of = f"/{trainer.max_epochs}" if (trainer.max_epochs or 0) > 0 else ""  # none when the budget is in steps
+        print(f"epoch {epoch}{of}: {shown} ({time.monotonic() - self._started:.1f} s)", flush=True)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_last_epoch(trainer, pl_module, trainer.current_epoch)
