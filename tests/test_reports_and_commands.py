@@ -4,6 +4,7 @@ real-format data, `evaluate` reproducing a run, and resuming a killed run exactl
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,38 @@ def test_evaluate_reproduces_the_training_runs_test_metrics(fashion_run, compose
         with Image.open(out / f"{name}.png") as image:
             assert image.width > 100 and image.height > 100, name
     assert json.loads((run_dir / "metrics.json").read_text()) == trained  # the run's own folder is left alone
+
+
+def test_a_users_own_callback_never_stops_evaluate_predict_or_export_even_once_its_module_is_gone(
+    compose_cfg, tmp_path, monkeypatch, capsys
+):
+    """The run's config names `mycallbacks.Noop`; opening the run builds only its network and datamodule, so
+    evaluate, predict (with the run's test images, in their class folders) and export work after the module is
+    deleted, and predict's accuracy on the test folder is evaluate's test/acc."""
+    from src.export import export
+    from src.predict import predict
+
+    data = write_image_folder(tmp_path / "images", train_per_class=12, test_per_class=(6, 8, 10))
+    (tmp_path / "pkg" / "mycallbacks.py").parent.mkdir()
+    (tmp_path / "pkg" / "mycallbacks.py").write_text("import lightning\nclass Noop(lightning.Callback):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    overrides = ["dataset=image_folder", f"dataset.data_dir={data}", "model=cnn2", *FAST, *NO_FIGURES]
+    train(compose_cfg([*overrides, "+callbacks.mine._target_=mycallbacks.Noop"], tmp_path / "run"))
+    (tmp_path / "pkg" / "mycallbacks.py").unlink()
+    monkeypatch.delitem(sys.modules, "mycallbacks")
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    tested = evaluate(compose_cfg([f"ckpt_path={last}"], tmp_path / "e", name="evaluate"))
+    out = tmp_path / "p"
+    assert (
+        predict(compose_cfg([f"ckpt_path={last}", f"images={data / 'test'}", "figures=false"], out, "predict"), out)
+        == 0
+    )
+    accuracy = json.loads((out / "accuracy.json").read_text())
+    assert accuracy["images"] == 24 and accuracy["accuracy"] == pytest.approx(tested["test/acc"])
+    assert f"accuracy {accuracy['accuracy']:.4f}" in capsys.readouterr().out
+    assert export(
+        compose_cfg([f"ckpt_path={last}", f"out={tmp_path / 'model.onnx'}"], tmp_path / "x", "export")
+    ).is_file()
 
 
 def test_evaluate_errors_are_one_line(fashion_run, compose_cfg, tmp_path, capsys):
