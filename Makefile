@@ -34,6 +34,6 @@ lint: .venv/installed
 clean-venv:
 	rm -rf .venv
 
-# Re-measure the README's result tables and rewrite them (hours on 2 cores): make results ARGS="--only NAME --cifar-dir DIR"
+# Re-measure RESULTS.md's tables and rewrite them (hours on 2 cores): make results ARGS="--only NAME --cifar-dir DIR"
 results: .venv/installed
 	$(PY) -m benchmarks.results $(ARGS)

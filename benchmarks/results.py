@@ -63,7 +63,7 @@ PROVENANCE = re.compile(r"^Measured (?P<when>.+?) on (?P<machine>.+?): (?P<items
 ITEM = re.compile(r"`(?P<row>[^`]+)`(?: \((?P<detail>[^()]*)\))?")
 
 
-# ----------------------------------------------------------------------------------------------- README regions
+# ----------------------------------------------------------------------------------------------- RESULTS.md regions
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -164,7 +164,7 @@ class Job:
 @dataclass
 class Row:
     name: str  # what --only takes and the measurement lines name
-    label: str  # first cell, as in the README
+    label: str  # first cell, as in RESULTS.md
     job: str
     cells: Callable[[Measurement, dict[str, Measurement]], list[str]]  # the cells after the label
 

@@ -5,8 +5,9 @@ model that costs almost nothing (784 -> 10 linear, Fashion-MNIST, batch 64), aga
     python -m benchmarks.step_overhead [--steps 1000] [--rounds 3] [--data-dir data]
 
 Prints milliseconds per step (median of the rounds, run in turn) and each part's share of the difference:
-the train metrics (accuracy and mean loss updated every step), our callbacks, logger and progress bar, and
-what is left: Lightning's own loop (data fetcher, batch-transfer hooks, optimizer closure, hook calls).
+the train metrics (each step's loss and correct predictions kept, summed once an epoch), our callbacks,
+logger and progress bar, and what is left: Lightning's own loop (data fetcher, batch-transfer hooks, optimizer
+closure, hook calls).
 """
 
 from __future__ import annotations

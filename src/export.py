@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from src.models.classifier import ClassifierModule
+from src.models.classifier import ClassifierModule, tta_logits
 from src.runs.checkpoints import (
     FORMATS,
     METADATA,
@@ -37,18 +37,19 @@ PARITY_TOLERANCE = 1e-4  # largest allowed difference of a class probability (fp
 
 class Exportable(nn.Module):
     """The checkpoint's network behind its normalization (constant buffers: torchvision's Normalize checks std
-    for zeros, a data-dependent branch torch.export refuses) and before its temperature: images in [0, 1] in,
-    logits out. Without ClassifierModule's channels-last conversion, which changes speed, not results."""
+    for zeros, a data-dependent branch torch.export refuses), with the run's test-time augmentation and before
+    its temperature: images in [0, 1] in, logits out, as src.predict gives them. Without ClassifierModule's
+    channels-last conversion, which changes speed, not results."""
 
     def __init__(self, module: ClassifierModule) -> None:
         super().__init__()
-        self.net, channels = module.net, (1, -1, 1, 1)
+        self.net, self.tta, channels = module.net, module.tta, (1, -1, 1, 1)
         self.register_buffer("mean", torch.tensor(module.hparams.mean, dtype=torch.float32).view(channels))
         self.register_buffer("std", torch.tensor(module.hparams.std, dtype=torch.float32).view(channels))
         self.register_buffer("temperature", module.temperature.detach().clone().float())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images - self.mean) / self.std) / self.temperature
+        return tta_logits(self.net, (images - self.mean) / self.std, self.tta) / self.temperature
 
 
 def to_onnx(model: Exportable, meta: Mapping[str, Any]) -> bytes:
@@ -112,7 +113,7 @@ def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch
     total, differ, worst = 0, 0, 0.0
     for images in batches:
         with torch.inference_mode():
-            expected = module((images - mean) / std).softmax(-1)
+            expected = module.predict_step((images - mean) / std)
         got = exported.logits(images).softmax(-1)
         total += len(images)
         differ += int((expected.argmax(-1) != got.argmax(-1)).sum())

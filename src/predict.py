@@ -39,21 +39,28 @@ class UnreadableImage(ValueError):
     """One image that cannot be used: reported by name, the other images are still predicted."""
 
 
-def collect_images(images: str | Path | Sequence[str | Path]) -> list[Path]:
-    """A folder becomes its image files, to any depth (sorted; hidden files and folders skipped); listed files
-    are kept even when missing, so each one is reported by name instead of silently dropped."""
-    paths: list[Path] = []
+def collect_images(images: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
+    """(path, label) of each image: a folder becomes its image files, to any depth (sorted; hidden files and
+    folders skipped), each labelled with its first folder below the given one (as ImageFolder labels a class
+    folder's files); a listed file, with its own folder. Listed files are kept even when missing, so each one is
+    reported by name instead of silently dropped."""
+    paths: list[tuple[Path, str]] = []
     for item in (Path(str(i)).expanduser() for i in ([images] if isinstance(images, (str, Path)) else images)):
         if not item.is_dir():
-            paths.append(item)
+            paths.append((item, item.parent.name))
             continue
-        shown = (p for p in item.rglob("*") if not any(part.startswith(".") for part in p.relative_to(item).parts))
-        if not (found := sorted(p for p in shown if p.suffix.lower() in EXTENSIONS and p.is_file())):
+        shown = ((p, p.relative_to(item).parts) for p in item.rglob("*"))
+        found = [(p, parts) for p, parts in shown if not any(part.startswith(".") for part in parts)]
+        if not (found := sorted((p, parts[0] if len(parts) > 1 else "") for p, parts in found if _image(p))):
             raise UserError(f"no images in folder {item} or below (looked for {', '.join(EXTENSIONS)} files)")
         paths += found
     if not paths:
         raise UserError("images is empty: give images=[a.png,b.jpg] or images=FOLDER")
     return paths
+
+
+def _image(path: Path) -> bool:
+    return path.suffix.lower() in EXTENSIONS and path.is_file()
 
 
 def load_image(path: Path, input_shape: Sequence[int]) -> Image.Image:
@@ -180,7 +187,8 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
     top_k, batch_size = positive_int(cfg, "top_k"), positive_int(cfg, "batch_size")
     if not isinstance(cfg.figures, bool):
         raise UserError(f"figures must be true or false, got {cfg.figures!r}")
-    paths = collect_images(cfg.images if isinstance(cfg.images, (str, ListConfig)) else str(cfg.images))
+    found = collect_images(cfg.images if isinstance(cfg.images, (str, ListConfig)) else str(cfg.images))
+    paths, labels = [p for p, _ in found], [label for _, label in found]
     try:
         device = torch.device(str(cfg.device))
     except (RuntimeError, TypeError) as e:
@@ -209,7 +217,8 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
                 good = [item[1] for item in batch if not isinstance(item, UnreadableImage)]
                 probs = iter(probabilities(torch.stack(good)) if good else [])
                 rows: list[list[object]] = []
-                for path, item in zip(paths[done : done + len(batch)], batch, strict=True):
+                end = done + len(batch)
+                for path, label, item in zip(paths[done:end], labels[done:end], batch, strict=True):
                     if isinstance(item, UnreadableImage):
                         print(f"error: {path}: {item}", file=sys.stderr, flush=True)
                         rows.append([path, *[""] * (2 * k + 1), item])
@@ -218,7 +227,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
                     p = next(probs)
                     values, indices = p.topk(k)
                     ranked = [(class_names[c], v) for v, c in zip(values.tolist(), indices.tolist(), strict=True)]
-                    correct += ranked[0][0] == path.parent.name
+                    correct += ranked[0][0] == label
                     figure = figure_name(path, used) if cfg.figures else ""
                     if figure:  # before its row, so every figure a row names exists
                         save_figure(item[0], p.tolist(), class_names, path.name, output_dir / figure)
@@ -234,7 +243,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
             message = f"interrupted after {done} of {len(paths)} images; their rows are in {out.name}"
             raise RunInterrupted(message, exit_code(e)) from None
     figures = f", {len(used)} figure{'' if len(used) == 1 else 's'}" if cfg.figures else ""
-    if all(p.parent.name in class_names for p in paths) and done > failed:
+    if all(label in class_names for label in labels) and done > failed:
         accuracy = {"accuracy": correct / (done - failed), "correct": correct, "images": done - failed}
         write_atomically(output_dir / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
         print(f"accuracy {accuracy['accuracy']:.4f}: {correct} of {done - failed} images in their class's folder")

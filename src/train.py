@@ -68,7 +68,9 @@ def train(cfg: DictConfig) -> float:
             finder = build_trainer(cfg, only=("progress_bar",))
             extra["lr_find/suggestion"] = find_lr(finder, module, datamodule, cfg.paths.output_dir)
         trainer = record.trainer = build_trainer(cfg)
-        gc.freeze()  # the garbage collector skips everything set up so far: cheaper steps (RESULTS.md)
+        # The garbage collector skips everything set up so far: cheaper steps (RESULTS.md). Setup's garbage waits
+        # for the unfreeze below (a bounded cost; collecting it first would add a 0.3 s full collection).
+        gc.freeze()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         finally:

@@ -316,3 +316,13 @@ def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
         text=True,
         timeout=timeout,
     )
+
+
+class CreatesFileWhenUnpickled:
+    """What a hostile checkpoint or data file holds: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR_CLASSES, UNEVEN_TEST_LABELS, model_batch, write_cifar_batches
+from conftest import CIFAR_CLASSES, UNEVEN_TEST_LABELS, CreatesFileWhenUnpickled, model_batch, write_cifar_batches
 from torchvision import datasets
 
 from src.data import DataError
@@ -96,6 +96,15 @@ def test_corrupt_cifar10_batch_is_a_data_error_naming_the_file(tmp_path, damage)
     with pytest.raises(DataError) as info:
         ready(cifar(tmp_path), "fit")
     assert str(bad) in str(info.value)
+
+
+def test_a_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    batches = write_cifar_batches(tmp_path, per_batch=6)
+    with open(batches / "data_batch_2", "wb") as f:
+        pickle.dump({"data": CreatesFileWhenUnpickled(marker := tmp_path / "pwned"), "labels": [0]}, f)
+    with pytest.raises(DataError, match=r"data_batch_2 refused: it names pathlib.*Path.touch"):
+        ready(cifar(tmp_path), "fit")
+    assert not marker.exists()
 
 
 def test_cifar10_full_size_batch_failing_md5_is_corrupt(tmp_path):

@@ -19,6 +19,7 @@ from conftest import (
     FASHION_CLASSES,
     FAST,
     REPO_ROOT,
+    CreatesFileWhenUnpickled,
     cli_env,
     offline_dataset,
     write_cifar_batches,
@@ -140,6 +141,23 @@ def test_export_gives_pytorchs_classes_and_carries_class_names(
         assert float((got - expected[: len(batch)]).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_run_with_test_time_augmentation_exports_it(runs: dict, tmp_path: Path, fmt: str) -> None:
+    """The exported model averages the same views as src.predict does with the checkpoint (tta=mirror_translate)."""
+    from torchvision import transforms as T
+
+    content = torch.load(runs["bn_convnet"][0], weights_only=True)
+    content["hyper_parameters"]["config"]["tta"] = "mirror_translate"
+    torch.save(content, ckpt := tmp_path / "tta.ckpt")
+    exported = open_exported(export(export_cfg(f"ckpt_path={ckpt}", f"format={fmt}")).read_bytes(), fmt, "x")
+    images, module = split_images(ckpt), open_run(ckpt)[0]
+    with torch.no_grad():
+        expected = module.predict_step(T.Normalize(module.hparams.mean, module.hparams.std)(images))
+    got = exported.logits(images).softmax(-1)
+    assert float((got - expected).abs().max()) <= 1e-4
+    assert float((got - pytorch_probabilities(ckpt, images)).abs().max()) > 1e-4  # not the plain model's
+
+
 def test_onnx_file_runs_with_onnxruntime_alone_and_holds_its_metadata(runs: dict) -> None:
     """What a user of the .onnx file sees: input "images" with a free batch axis, output "logits", and the
     metadata properties as JSON."""
@@ -246,16 +264,6 @@ def test_data_elsewhere_is_read_with_dataset_data_dir(runs: dict, tmp_path: Path
     assert out.is_file()
     with pytest.raises(DataError, match="not found"):
         export(export_cfg(f"ckpt_path={ckpt}", f"dataset.data_dir={tmp_path / 'empty'}"))
-
-
-class CreatesFileWhenUnpickled:
-    """What a hostile checkpoint holds: unpickling it calls Path.touch(marker)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (Path.touch, (self.marker,))
 
 
 def test_hostile_checkpoint_is_one_line_exit_1_and_runs_nothing(tmp_path: Path) -> None:

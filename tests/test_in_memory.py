@@ -91,7 +91,7 @@ def test_each_ddp_process_gets_its_own_shard_of_every_epoch(tmp_path):
     shards = []
     for rank in (0, 1):
         cpu = SimpleNamespace(root_device=torch.device("cpu"))
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=cpu)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=cpu, overfit_batches=0)
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(1)  # what Lightning does at every epoch's start
         shards.append(dm.train_set.indices[list(loader.sampler)])
@@ -99,6 +99,25 @@ def test_each_ddp_process_gets_its_own_shard_of_every_epoch(tmp_path):
     train0, val0, train1, val1 = shards
     assert len(train0) == len(train1) == 36 and not set(train0.tolist()) & set(train1.tolist())
     assert sorted(torch.cat([val0, val1]).tolist()) == sorted(dm.val_set.indices.tolist())  # each once
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_with_overfit_batches_every_epoch_serves_the_same_batches(tmp_path, in_memory):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    dm = fashion(tmp_path, in_memory=in_memory)
+    epochs = {}
+    for overfit in (0, 2):
+        dm.trainer = SimpleNamespace(
+            world_size=1,
+            global_rank=0,
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+            overfit_batches=overfit,
+        )
+        loader = dm.train_dataloader()
+        for epoch in (0, 1):
+            getattr(loader.sampler, "set_epoch", lambda _: None)(epoch)
+            epochs[overfit, epoch] = torch.cat([y for _, y in loader]).tolist()
+    assert epochs[2, 0] == epochs[2, 1] and epochs[0, 0] != epochs[0, 1]
 
 
 def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
@@ -159,11 +178,11 @@ def test_on_an_accelerator_the_splits_move_once_and_val_shares_trains_copy(tmp_p
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
     dm = fashion(tmp_path, in_memory=True)
     meta = SimpleNamespace(root_device=torch.device("meta"))
-    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=meta)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=meta, overfit_batches=0)
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
-    assert {loader.dataset.images.device.type for loader in (train, val, test)} == {"meta"}
-    assert val.dataset.images is train.dataset.images and test.dataset.images is not train.dataset.images
-    assert dm.train_dataloader().dataset.images is train.dataset.images  # moved once, not every epoch
+    assert {loader.source.images.device.type for loader in (train, val, test)} == {"meta"}
+    assert val.source.images is train.source.images and test.source.images is not train.source.images
+    assert dm.train_dataloader().source.images is train.source.images  # moved once, not every epoch
     assert dm.train_set.images.device.type == "cpu"  # the host copy stays as it was
 
 

@@ -152,9 +152,13 @@ def test_collect_images_folder_and_errors(tmp_path: Path) -> None:
     (tmp_path / "sub" / ".hidden").mkdir(parents=True)
     (tmp_path / "sub" / "d.png").write_bytes(b"x")
     (tmp_path / "sub" / ".hidden" / "e.png").write_bytes(b"x")
-    found = [str(p.relative_to(tmp_path)) for p in collect_images(str(tmp_path))]
-    assert found == ["a.PNG", "b.jpg", "c.webp", "sub/d.png"]  # to any depth, hidden files and folders skipped
-    assert collect_images([str(tmp_path / "missing.png")]) == [tmp_path / "missing.png"]  # reported later, by name
+    (tmp_path / "sub" / "deeper").mkdir()
+    (tmp_path / "sub" / "deeper" / "f.png").write_bytes(b"x")
+    found = [(str(p.relative_to(tmp_path)), label) for p, label in collect_images(str(tmp_path))]
+    # to any depth, hidden files and folders skipped; labelled by the first folder below the one given
+    assert found == [("a.PNG", ""), ("b.jpg", ""), ("c.webp", ""), ("sub/d.png", "sub"), ("sub/deeper/f.png", "sub")]
+    missing = tmp_path / "cat" / "missing.png"
+    assert collect_images([str(missing)]) == [(missing, "cat")]  # reported later, by name
     with pytest.raises(UserError, match="no images in folder"):
         collect_images(str(_empty(tmp_path)))
     with pytest.raises(UserError, match="images is empty"):

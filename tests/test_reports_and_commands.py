@@ -126,11 +126,14 @@ def test_a_users_own_callback_never_stops_evaluate_predict_or_export_even_once_i
 ):
     """The run's config names `mycallbacks.Noop`; opening the run builds only its network and datamodule, so
     evaluate, predict (with the run's test images, in their class folders) and export work after the module is
-    deleted, and predict's accuracy on the test folder is evaluate's test/acc."""
+    deleted, and predict's accuracy on the test folder (some images one folder deeper) is evaluate's test/acc."""
     from src.export import export
     from src.predict import predict
 
     data = write_image_folder(tmp_path / "images", train_per_class=12, test_per_class=(6, 8, 10))
+    (nested := data / "test" / "dog" / "more").mkdir()  # a class folder's subfolders belong to it, as in ImageFolder
+    for image in sorted((data / "test" / "dog").glob("*.png"))[:4]:
+        image.rename(nested / image.name)
     (tmp_path / "pkg" / "mycallbacks.py").parent.mkdir()
     (tmp_path / "pkg" / "mycallbacks.py").write_text("import lightning\nclass Noop(lightning.Callback):\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path / "pkg"))

@@ -292,3 +292,24 @@ def test_error_inside_instantiate_is_reported_as_one_line(compose_cfg, tmp_path)
     message = one_line(info.value)
     assert "val_fraction must be between 0 and 1" in message and "1.5" in message
     assert "Error in call" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("debug", ["fdr", "overfit", "limit", "profiler"])
+def test_each_debug_config_runs_to_the_end(compose_cfg, tmp_path, debug):
+    """debug=overfit learns its 2 batches (the loader serving the same ones each epoch: tests/test_in_memory.py)."""
+    write_idx(tmp_path / "data", n_train=80)
+    overrides = [*offline_dataset("mnist", tmp_path / "data"), "model=mlp", *FAST, *NO_FIGURES, f"debug={debug}"]
+    if debug == "overfit":
+        overrides += ["trainer.overfit_batches=2", "trainer.max_epochs=40"]
+    if debug == "limit":  # 1% and 5% of these tiny sets are under one batch
+        overrides += [f"trainer.limit_{split}_batches=1" for split in ("train", "val", "test")]
+    train(compose_cfg(overrides))
+    run = tmp_path / "run"
+    if debug == "overfit":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"))
+        events.Reload()
+        assert events.Scalars("train/acc")[-1].value >= 0.9
+    if debug == "profiler":
+        assert (run / "fit-profile.txt").read_text().strip() and (run / "test-profile.txt").read_text().strip()

@@ -20,6 +20,7 @@ from conftest import (
     FAST,
     NO_FIGURES,
     REPO_ROOT,
+    CreatesFileWhenUnpickled,
     cli_env,
     offline_dataset,
     one_line_error,
@@ -28,7 +29,7 @@ from conftest import (
     write_image,
 )
 
-from src.callbacks.training import TrainingDiverged
+from src.callbacks.training import StopOnNonFiniteLoss, TrainingDiverged
 from src.runs.checkpoints import (
     CheckpointError,
     SafeCheckpointIO,
@@ -43,16 +44,6 @@ from src.runs.reports import chance_level, format_table, strict_json
 from src.train import train
 from src.utils.config import ConfigError
 from src.utils.errors import RunInterrupted, report_errors
-
-
-class CreatesFileWhenUnpickled:
-    """What a hostile checkpoint holds: unpickling it calls Path.touch(marker)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def strict_json_load(path: Path) -> dict:
@@ -188,6 +179,30 @@ def test_a_resumed_runs_stored_targets_are_checked_and_trusted_packages_allow_th
 
 
 @pytest.mark.parametrize(
+    "where, value, refusal",
+    [
+        ("model", "${callbacks.evil}", r"model._target_='os.system'"),  # the whole model points at a callback
+        ("hidden", "${callbacks.evil}", r"model.hidden._target_='os.system'"),
+        ("hidden", "\\${callbacks.evil}", "resolves to another interpolation"),  # escaped: `${` after resolving
+        ("model", "${seed}", "model config is int, not a mapping"),
+    ],
+)
+def test_interpolations_in_a_stored_model_config_are_checked_as_they_resolve(
+    fashion_run, tmp_path, where, value, refusal
+):
+    content = torch.load(fashion_run.last, weights_only=True)
+    config = content["hyper_parameters"]["config"]
+    config["callbacks"]["evil"] = {"_target_": "os.system", "command": "touch x"}
+    if where == "model":
+        config["model"] = value
+    else:
+        config["model"][where] = value
+    torch.save(content, doctored := tmp_path / "doctored.ckpt")
+    with pytest.raises(CheckpointError, match=refusal):
+        open_run(doctored)
+
+
+@pytest.mark.parametrize(
     "optimizer", [["optimizer=sgd", "scheduler=onecycle"], ["optimizer=adamw", "scheduler=cosine"], ["scheduler=step"]]
 )
 def test_our_checkpoints_load_with_weights_only_for_every_optimizer_and_scheduler(
@@ -222,11 +237,24 @@ def test_checkpoints_are_written_atomically_in_their_own_folder(fashion_run, mon
 
 
 # --- divergence and chance level -----------------------------------------------------------------------
-def test_nan_or_inf_loss_stops_the_run_naming_epoch_and_step(compose_cfg, data, tmp_path):
+def test_divergence_names_the_first_non_finite_batch_after_the_losses_before_it():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    stop = StopOnNonFiniteLoss(lr=0.5, check_every=4)
+    trainer = SimpleNamespace(current_epoch=2, strategy=SingleDeviceStrategy(torch.device("cpu")))
+    for batch, loss in enumerate([1.0, 0.9, 0.8, 0.7, 0.6, math.inf, math.nan]):
+        stop.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, batch)  # checks at batch 3
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 5; try a lower optimizer.lr \(now 0.5\)"):
+        stop.on_train_epoch_end(trainer, None)
+
+
+def test_nan_or_inf_loss_stops_the_run_naming_epoch_and_batch(compose_cfg, data, tmp_path):
     cfg = compose_cfg(
         [*offline_dataset("fashion_mnist", data), "model=cnn2", "optimizer=sgd", "optimizer.lr=1e6", *FAST, *NO_FIGURES]
     )
-    with pytest.raises(TrainingDiverged, match=r"epoch 0, step \d+; try a lower optimizer.lr \(now 1e\+06\)"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 0, batch \d+; try a lower optimizer.lr \(now 1e\+06\)"):
         train(cfg)
     status = strict_json_load(tmp_path / "run" / "job_status.json")
     assert status["status"] == "FAILED" and "training diverged" in status["error"]

@@ -20,21 +20,21 @@ class TrainingDiverged(UserError):
 
 
 class StopOnNonFiniteLoss(L.Callback):
-    """Stops the run when the training loss became NaN or infinite, naming the epoch and the step where it first
+    """Stops the run when the training loss became NaN or infinite, naming the epoch and the batch where it first
     did. Reading the loss back every step would stall an accelerator (and costs a small model's CPU step more
-    than it takes), so the losses are kept on their device and checked every `check_every` steps and at the
+    than it takes), so the losses are kept on their device and checked every `check_every` batches and at the
     epoch's end; every process stops together (one alone would hang the others in the next all-reduce)."""
 
     def __init__(self, lr: float | None = None, check_every: int = 50) -> None:
         self.lr, self.check_every = lr, max(1, check_every)
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[tuple[int, torch.Tensor]] = []  # (batch index in the epoch, loss)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.losses.append(loss.detach())
+            self.losses.append((batch_idx, loss.detach()))
             if len(self.losses) >= self.check_every:
                 self._check(trainer)
 
@@ -42,14 +42,18 @@ class StopOnNonFiniteLoss(L.Callback):
         self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
-        bad = (~torch.isfinite(torch.stack(self.losses))).nonzero() if self.losses else ()
-        step = trainer.global_step - len(self.losses) + int(bad[0]) if len(bad) else -1  # the optimizer step
+        first = NONE_BAD = 2**62
+        if self.losses:
+            indices, losses = zip(*self.losses, strict=True)
+            if len(bad := (~torch.isfinite(torch.stack(losses))).nonzero()):
+                first = indices[int(bad[0])]
         self.losses.clear()
-        if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
+        if trainer.strategy.reduce_boolean_decision(first != NONE_BAD, all=False):
+            first = int(trainer.strategy.all_gather(torch.tensor(first, device=trainer.strategy.root_device)).min())
             lower = f" (now {self.lr:g})" if self.lr is not None else ""
             raise TrainingDiverged(
-                f"training diverged: the loss became NaN or infinite in epoch {trainer.current_epoch}, step "
-                f"{step}; try a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) "
+                f"training diverged: the loss became NaN or infinite in epoch {trainer.current_epoch}, batch "
+                f"{first}; try a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) "
                 "or a warm-up"
             )
 
@@ -117,7 +121,7 @@ class EpochLines(ProgressBar):
 
 
 def progress_bar(enabled: bool = True, refresh_rate: int = 1, **_: Any) -> ProgressBar | None:
-    """The run's progress display; `trainer.enable_progress_bar` is its one switch (conf/train.yaml)."""
+    """The run's progress display; `trainer.enable_progress_bar` is its one switch (conf/trainer/default.yaml)."""
     if not enabled:
         return None
     return TQDMProgressBar(refresh_rate=refresh_rate) if sys.stderr.isatty() else EpochLines()

@@ -1,6 +1,7 @@
 """CIFAR-10 from its pickle batches, read file by file so an error names the file (one that does not unpickle, an
 official-size batch failing its MD5, a label outside the classes); batches of other sizes (tests) skip the MD5."""
 
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,27 @@ class ArrayImages(Dataset):
         return Image.fromarray(self.data[i]), self.targets[i]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's batches hold numpy arrays, lists and strings: a pickle naming any other function is refused, as a
+    checkpoint is (a data folder someone hands you must not run code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        numpy_module = module in (
+            "numpy",
+            *(f"numpy.{c}.{m}" for c in ("core", "_core") for m in ("multiarray", "numeric")),
+        )
+        if numpy_module and name in ("_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which loading would call")
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"CIFAR-10 file missing: {path}; extract the complete cifar-10-batches-py there")
     try:
-        return pickle.loads(path.read_bytes(), encoding="latin1")
+        return _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{path} refused: {e}; CIFAR-10 batches hold only arrays") from e
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
         raise DataError(f"{path} is truncated or corrupt ({type(e).__name__}); replace it") from e
 

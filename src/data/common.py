@@ -184,7 +184,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         resumed run sees the same batches; under DDP each process gets its shard, val/test images exactly once."""
         assert dataset is not None and self.path is not None, "call setup() first"
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if shuffle:
+        if shuffle and not (self.trainer and self.trainer.overfit_batches):  # overfit: the same batches each epoch
             sampler: Sampler | None = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.seed)
         else:
             sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None

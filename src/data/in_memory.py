@@ -45,13 +45,14 @@ class TensorBatches:
     batch_sampler = None  # what Lightning looks for beside `sampler`, as on a DataLoader
 
     def __init__(self, dataset: TensorImages, sampler: Sampler, batch_size: int) -> None:
-        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        # not `.dataset`: Lightning would take this for a DataLoader to rebuild (overfit_batches)
+        self.source, self.sampler, self.batch_size = dataset, sampler, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A generator: the order is drawn at the first batch, after Lightning has set the sampler's epoch (a
         # resumed run calls iter() before that).
-        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.dataset.images.device)
-        yield from map(self.dataset.__getitems__, order.split(self.batch_size))
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.source.images.device)
+        yield from map(self.source.__getitems__, order.split(self.batch_size))
 
     def __len__(self) -> int:
         return ceil(len(self.sampler) / self.batch_size)

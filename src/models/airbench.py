@@ -51,9 +51,9 @@ class AirbenchNet(nn.Module):
     fixed logit scale (airbench: 1/9, which keeps the first steps' softmax soft).
 
     `whiten=True`: the stem's filters are set from the whitened 2x2 patches of the training images at the
-    start of a fresh fit (`src.speed.WhitenStem`, a default callback) and then stay fixed (only the stem's
-    bias trains), as in airbench; `whiten=False` trains them from a random start. `bn_scale=False` keeps
-    every BN scale at 1 (airbench); `bn_momentum` is PyTorch's (airbench's 0.6 is 0.4 here).
+    start of a fresh fit (`src.callbacks.speed.WhitenStem`, attached by ClassifierModule) and then stay fixed
+    (only the stem's bias trains), as in airbench; `whiten=False` trains them from a random start.
+    `bn_scale=False` keeps every BN scale at 1 (airbench); `bn_momentum` is PyTorch's (airbench's 0.6 is 0.4 here).
     """
 
     def __init__(

@@ -20,8 +20,8 @@ class BNConvNet(nn.Module):
 
     Batch norm makes high learning rates and short schedules stable; widths trade accuracy for time.
     `whiten=True` asks for airbench's whitening initialization of the stem conv (`stem_conv`) from patches
-    of the training images, which needs data: `src.speed.WhitenStem` (a default callback) does it at the
-    start of a fresh fit.
+    of the training images, which needs data: `src.callbacks.speed.WhitenStem` (attached by ClassifierModule)
+    does it at the start of a fresh fit.
     """
 
     def __init__(

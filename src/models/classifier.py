@@ -178,8 +178,10 @@ class ClassifierModule(L.LightningModule):
         if self.train_steps:
             losses, correct = zip(*self.train_steps, strict=True)
             sizes = torch.tensor([len(c) for c in correct], device=losses[0].device)
-            sums = torch.stack([(torch.stack(losses) * sizes).sum(), torch.cat(correct).sum(), sizes.sum()])
-            loss_sum, right, seen = self.trainer.strategy.reduce(sums.double(), reduce_op="sum").tolist()
+            # float32: exact for counts below 2**24 and available on every device (MPS has no float64)
+            parts = [(torch.stack(losses).float() * sizes).sum(), torch.cat(correct).sum(), sizes.sum()]
+            sums = torch.stack([p.float() for p in parts])
+            loss_sum, right, seen = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
             self.log("train/loss_epoch", loss_sum / seen, prog_bar=True)
             self.log("train/acc", right / seen, prog_bar=True)
         self.train_steps.clear()
@@ -263,6 +265,7 @@ class ClassifierModule(L.LightningModule):
 def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> list[tuple[float, float, int]]:
     """(mean confidence, accuracy, images) per equal-width confidence bin (an empty one: its centre, 0, 0): the
     reliability diagram's bars, from the per-image confidences torchmetrics' calibration error keeps."""
+    confidences, correct = confidences.cpu(), correct.cpu()
     index = torch.clamp((confidences * ECE_BINS).long(), max=ECE_BINS - 1)
     count = torch.bincount(index, minlength=ECE_BINS)
     sums = torch.zeros(2, ECE_BINS, dtype=torch.float64).index_add_(

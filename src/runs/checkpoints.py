@@ -127,6 +127,21 @@ def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
     return hparams
 
 
+def _checked(config: Any, key: str, source: str | Path) -> dict[str, Any]:
+    """`config[key]` resolved to plain values (an interpolation may point anywhere in the config) whose targets
+    are all network or datamodule classes: what is checked is exactly what gets instantiated."""
+    try:
+        node = OmegaConf.to_container(config[key], resolve=True) if OmegaConf.is_config(config[key]) else config[key]
+    except Exception as e:  # noqa: BLE001 - a doctored or broken interpolation
+        raise CheckpointError(f"{source} refused: its {key} config does not resolve ({one_line(e)})") from e
+    if not isinstance(node, dict):
+        raise CheckpointError(f"{source} refused: its {key} config is {type(node).__name__}, not a mapping")
+    if "${" in json.dumps(node, default=str):  # instantiate would resolve it again, unchecked
+        raise CheckpointError(f"{source} refused: its {key} config resolves to another interpolation")
+    check_targets(node, source, key)
+    return node
+
+
 def open_run(
     ckpt_path: str | Path, dataset: dict[str, Any] | None = None, map_location: Any = "cpu"
 ) -> tuple[ClassifierModule, L.LightningDataModule | None]:
@@ -134,8 +149,8 @@ def open_run(
     values ignored), also the run's datamodule, set up for testing and checked to have the checkpoint's classes."""
     hparams = checkpoint_hparams(ckpt_path)
     config = OmegaConf.create(hparams["config"])
-    check_targets(hparams["config"]["model"], ckpt_path, "model")
-    net = instantiate(config.model, input_shape=hparams["input_shape"], num_classes=len(hparams["class_names"]))
+    model = _checked(config, "model", ckpt_path)
+    net = instantiate(model, input_shape=hparams["input_shape"], num_classes=len(hparams["class_names"]))
     try:  # compile: a training switch, not for evaluate/predict/export
         module = ClassifierModule.load_from_checkpoint(
             ckpt_path, net=net, map_location=map_location, weights_only=True, compile=False
@@ -145,8 +160,7 @@ def open_run(
     if dataset is None:
         return module.eval(), None
     config.dataset = OmegaConf.merge(config.dataset, {k: v for k, v in dataset.items() if v is not None})
-    check_targets(OmegaConf.to_container(config.dataset), ckpt_path, "dataset")
-    datamodule = instantiate(config.dataset)
+    datamodule = instantiate(_checked(config, "dataset", ckpt_path))
     datamodule.prepare_data()
     datamodule.setup("test")
     if list(datamodule.class_names) != (names := list(module.hparams.class_names)):

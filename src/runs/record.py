@@ -107,7 +107,7 @@ def resume_from(cfg: DictConfig) -> None:
         instead = "choose another hydra.run.dir" if in_place else "start a new run without ckpt_path"
         raise ConfigError(
             f"{what} trained with other settings ({', '.join(differ)}); continue it with the same ones (only "
-            f"trainer.max_epochs without a scheduler, and console settings, may change), or {instead}"
+            f"trainer.max_epochs without a scheduler, console settings and compile may change), or {instead}"
         )
     run_dir = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir():
