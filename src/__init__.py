@@ -1,2 +1,1 @@
-# The config resolvers are registered on any import of the package (omegaconf only: no torch).
-import src.utils.resolvers  # noqa: F401
+import src.utils.resolvers  # noqa: F401 - registers the config resolvers (omegaconf only: no torch)

@@ -1,9 +1,5 @@
-"""Entry point: export a checkpoint to ONNX or TorchScript (deprecated in PyTorch: prefer ONNX), as `python -m
-src.export ckpt_path=CKPT [format=torchscript] [out=FILE]`. The model maps images, float32 (N, C, H, W) in [0, 1],
-any N, to logits; normalization and temperature are inside, class_names, input_shape, mean and std travel as JSON
-metadata. It is written only when it gives PyTorch's classes and probabilities on `parity_images` test images."""
-
-from __future__ import annotations
+"""Entry point: export a checkpoint to ONNX or TorchScript (deprecated in PyTorch), normalization and temperature
+inside, written only when it gives PyTorch's classes and probabilities on `parity_images` test images."""
 
 import io
 import json
@@ -36,10 +32,8 @@ PARITY_TOLERANCE = 1e-4  # largest allowed difference of a class probability (fp
 
 
 class Exportable(nn.Module):
-    """The checkpoint's network behind its normalization (constant buffers: torchvision's Normalize checks std
-    for zeros, a data-dependent branch torch.export refuses), with the run's test-time augmentation and before
-    its temperature: images in [0, 1] in, logits out, as src.predict gives them. Without ClassifierModule's
-    channels-last conversion, which changes speed, not results."""
+    """The network behind its normalization (constant buffers: torchvision's Normalize checks std for zeros, a branch
+    torch.export refuses), with the run's test-time augmentation and temperature: images in [0, 1] in, logits out."""
 
     def __init__(self, module: ClassifierModule) -> None:
         super().__init__()
@@ -70,10 +64,8 @@ def to_onnx(model: Exportable, meta: Mapping[str, Any]) -> bytes:
     proto = program.model_proto
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     if not batch.dim_param:  # torch.export fixed the batch size (the model branches on it)
-        raise ExportError(
-            f"{type(model.net).__name__} cannot be exported to ONNX: torch.export fixed its batch size at "
-            f"{batch.dim_value} (does the model depend on the batch size?)"
-        )
+        why = f"torch.export fixed its batch size at {batch.dim_value} (does the model depend on the batch size?)"
+        raise ExportError(f"{type(model.net).__name__} cannot be exported to ONNX: {why}")
     onnx.helper.set_model_props(proto, {key: json.dumps(meta[key]) for key in METADATA})
     return proto.SerializeToString()
 
@@ -92,8 +84,7 @@ def to_torchscript(model: Exportable, meta: Mapping[str, Any]) -> bytes:
 
 
 def parity_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
-    """The first `count` images of the run's test split as ToTensor gives them ([0, 1]: the datamodule was
-    opened with normalization turned off, since the exported model normalizes), in the loader's batches."""
+    """The first `count` test images in [0, 1] (the datamodule is opened without normalization), in batches."""
     batches, n = [], 0
     for batch in datamodule.test_dataloader():
         images = datamodule.on_after_batch_transfer(batch, 0)[0][: count - n].float()  # in-memory: uint8 / 255
@@ -107,8 +98,7 @@ def parity_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
 
 
 def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch.Tensor]) -> tuple[int, int, float]:
-    """(images, images whose class differs, largest probability difference) of the exported model against
-    the checkpoint's PyTorch model on normalized images, as src.predict and src.evaluate run it."""
+    """(images, images whose class differs, largest probability difference) of the export against PyTorch's model."""
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (exported.mean, exported.std))
     total, differ, worst = 0, 0, 0.0
     for images in batches:
@@ -122,11 +112,9 @@ def parity(module: ClassifierModule, exported: Exported, batches: Sequence[torch
 
 
 def export(cfg: DictConfig) -> Path:
-    """Export `cfg.ckpt_path` to `cfg.format`, check parity on test images, write the file; return its path."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise ExportError("ckpt_path is required: python -m src.export ckpt_path=CKPT [format=onnx|torchscript]")
-    fmt = str(cfg.format)
-    if fmt not in FORMATS:
+    if (fmt := str(cfg.format)) not in FORMATS:
         raise ExportError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
     count = positive_int(cfg, "parity_images")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
@@ -145,21 +133,14 @@ def export(cfg: DictConfig) -> Path:
     meta = {"class_names": names, "input_shape": shape, "mean": list(hp.mean), "std": list(hp.std)}
     data = (to_onnx if fmt == "onnx" else to_torchscript)(Exportable(module).eval(), meta)
     total, differ, worst = parity(module, open_exported(data, fmt, f"the exported {fmt} model"), batches)
-    print(
-        f"parity on {total} test images: {total - differ} of {total} with PyTorch's class, largest probability "
-        f"difference {worst:.2e} (fp32; at most {PARITY_TOLERANCE:.0e} allowed)",
-        flush=True,
-    )
+    same = f"{total - differ} of {total} with PyTorch's class, largest probability difference {worst:.2e}"
+    print(f"parity on {total} test images: {same} (fp32; at most {PARITY_TOLERANCE:.0e} allowed)", flush=True)
     if differ or not worst <= PARITY_TOLERANCE:  # `not <=`: a NaN difference fails too
-        raise ExportError(
-            f"the {fmt} export disagrees with PyTorch ({differ} of {total} test images change class, largest "
-            f"probability difference {worst:.2e}); nothing written to {out}"
-        )
+        change = f"{differ} of {total} test images change class, largest probability difference {worst:.2e}"
+        raise ExportError(f"the {fmt} export disagrees with PyTorch ({change}); nothing written to {out}")
     write_atomically(out, data)  # creates its folder
-    print(
-        f"exported {out} ({fmt}, {len(data) / 1e6:.1f} MB): images float32 (N, {', '.join(map(str, shape))}) in [0, 1] "
-        f"-> logits (N, {len(names)}), in {time.monotonic() - started:.1f} s"
-    )
+    io_shapes = f"images float32 (N, {', '.join(map(str, shape))}) in [0, 1] -> logits (N, {len(names)})"
+    print(f"exported {out} ({fmt}, {len(data) / 1e6:.1f} MB): {io_shapes}, in {time.monotonic() - started:.1f} s")
     return out
 
 

@@ -1,10 +1,5 @@
-"""Entry point: classify images (`images=[a.png,b.jpg]` or `images=FOLDER`, searched to any depth) with a
-checkpoint of src.train or a model of src.export (NAME.onnx; NAME.pt is TorchScript, a program: only trusted ones;
-any other file is read as a checkpoint, never run). Each image is converted to what the model expects, alike alone
-or in a batch; in class folders the accuracy (src.evaluate's) goes to accuracy.json. predictions.csv is streamed a
-batch at a time (decoded in threads one batch ahead), so a stopped or killed run keeps every row it wrote."""
-
-from __future__ import annotations
+"""Entry point: classify images with a checkpoint or a model of src.export (NAME.pt is TorchScript, a program: only
+trusted ones). predictions.csv is streamed a batch at a time, so a stopped or killed run keeps every row it wrote."""
 
 import csv
 import io
@@ -40,27 +35,21 @@ class UnreadableImage(ValueError):
 
 
 def collect_images(images: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
-    """(path, label) of each image: a folder becomes its image files, to any depth (sorted; hidden files and
-    folders skipped), each labelled with its first folder below the given one (as ImageFolder labels a class
-    folder's files); a listed file, with its own folder. Listed files are kept even when missing, so each one is
-    reported by name instead of silently dropped."""
+    """(path, label) of each image: a folder's image files to any depth (sorted; hidden ones skipped), labelled by
+    their first folder below it (as ImageFolder); a listed file, by its folder (kept if missing: reported by name)."""
     paths: list[tuple[Path, str]] = []
     for item in (Path(str(i)).expanduser() for i in ([images] if isinstance(images, (str, Path)) else images)):
         if not item.is_dir():
             paths.append((item, item.parent.name))
             continue
-        shown = ((p, p.relative_to(item).parts) for p in item.rglob("*"))
-        found = [(p, parts) for p, parts in shown if not any(part.startswith(".") for part in parts)]
-        if not (found := sorted((p, parts[0] if len(parts) > 1 else "") for p, parts in found if _image(p))):
+        found = [(p, p.relative_to(item).parts) for p in item.rglob("*") if p.suffix.lower() in EXTENSIONS]
+        found = [(p, parts) for p, parts in found if not any(x.startswith(".") for x in parts) and p.is_file()]
+        if not (found := sorted((p, parts[0] if len(parts) > 1 else "") for p, parts in found)):
             raise UserError(f"no images in folder {item} or below (looked for {', '.join(EXTENSIONS)} files)")
         paths += found
     if not paths:
         raise UserError("images is empty: give images=[a.png,b.jpg] or images=FOLDER")
     return paths
-
-
-def _image(path: Path) -> bool:
-    return path.suffix.lower() in EXTENSIONS and path.is_file()
 
 
 def load_image(path: Path, input_shape: Sequence[int]) -> Image.Image:
@@ -79,13 +68,12 @@ def load_image(path: Path, input_shape: Sequence[int]) -> Image.Image:
 
 
 def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The same ToTensor + Normalize as the datamodules' eval transform."""
+    """The datamodules' eval transform."""
     return TF.normalize(TF.to_tensor(image), list(mean), list(std))
 
 
 def save_figure(image: Image.Image, probs: Sequence[float], class_names: Sequence[str], title: str, path: Path) -> None:
-    """The image as the model sees it beside every class probability, top class highlighted (like the
-    tutorials' view_classify). A bare Figure: no pyplot state to leak over many images, no display needed."""
+    """The image as the model sees it beside every class probability; a bare Figure: no pyplot state to leak."""
     from matplotlib.figure import Figure
 
     n, best = len(class_names), max(range(len(class_names)), key=lambda i: probs[i])
@@ -105,8 +93,7 @@ Model = tuple[list[str], list[int], list[float], list[float], Callable[[torch.Te
 
 
 def open_model(ckpt_path: str, device: torch.device) -> Model:
-    """(class names, input shape, mean, std, images -> probabilities on the CPU) of a checkpoint or an
-    exported file (whose normalization is inside: mean 0, std 1 here)."""
+    """(class names, input shape, mean, std, images -> CPU probabilities) of a checkpoint or export (mean 0, std 1)."""
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         hint = max(path.glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime, default=None)  # the newest run
@@ -135,9 +122,8 @@ Prepared = tuple[Image.Image, torch.Tensor] | UnreadableImage
 
 
 def prepared_batches(paths: Sequence[Path], batch_size: int, work: Callable[[Path], Prepared]) -> Iterator[list]:
-    """`work(path)` for every path, in input order, a batch at a time; the next batch is submitted before
-    this one is yielded, so decoding overlaps the model and at most two batches are held. `work` returns
-    what went wrong instead of raising it (it runs in a pool thread)."""
+    """`work(path)` (run in threads: it returns errors, not raises them) for every path, a batch at a time in order;
+    the next batch is submitted before this one is yielded: decoding overlaps the model, two batches are held."""
     pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="predict-decode")
     ahead: list[Future[Prepared]] = []
     try:
@@ -152,9 +138,8 @@ def prepared_batches(paths: Sequence[Path], batch_size: int, work: Callable[[Pat
 
 
 def csv_columns(k: int) -> list[str]:
-    """path, class and probability of the top class, top2_class, top2_probability ... up to top`k`, then
-    figure (its file name; empty with figures=false) and error (why the image could not be read: such a
-    row has only path and error, so the CSV accounts for every image it reached, in input order)."""
+    """path, class, probability (top class), top2_class, top2_probability ... top`k`, figure (its file, empty with
+    figures=false), error (an unreadable image's row has only path and error: every image reached has a row)."""
     ranks = [f"top{r}_{field}" for r in range(2, k + 1) for field in ("class", "probability")]
     return ["path", "class", "probability", *ranks, "figure", "error"]
 
@@ -179,8 +164,7 @@ def figure_name(path: Path, used: set[str]) -> str:
 
 
 def predict(cfg: DictConfig, output_dir: Path) -> int:
-    """Stream every image's prediction to predictions.csv (and figures); return the exit status, 1 if any
-    image could not be read. Ctrl-C or SIGTERM ends in a RunInterrupted that says what was kept."""
+    """Stream every prediction to predictions.csv (figures, accuracy.json); return 1 if any image was unreadable."""
     for key in ("ckpt_path", "images"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key} is required: python -m src.predict ckpt_path=CKPT images=[a.png,b.jpg]")

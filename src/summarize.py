@@ -1,9 +1,6 @@
 """Entry point: the results table of a sweep (or any folder of runs), as summary.md and summary.csv in it.
 
-python -m src.summarize outputs/multirun/2026-01-01/12-00-00-000000 [--metric test/acc]
-"""
-
-from __future__ import annotations
+python -m src.summarize outputs/multirun/2026-01-01/12-00-00-000000 [--metric test/acc]"""
 
 import argparse
 from pathlib import Path

@@ -1,11 +1,7 @@
-"""Entry point: compose the config, fit, test the best checkpoint, report.
-
+"""Entry point: compose the config, fit, test the best checkpoint, report. E.g.:
 python -m src.train dataset=cifar10 model=cnn3 optimizer=sgd optimizer.lr=0.01
 python -m src.train -m model=mlp,cnn2,lenet optimizer.lr=1e-3,3e-3     # a sweep
-python -m src.train --help        # config groups and their choices
-"""
-
-from __future__ import annotations
+python -m src.train --help        # config groups and their choices"""
 
 import gc
 from typing import Any
@@ -34,17 +30,13 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        label_smoothing=cfg.label_smoothing,
-        channels_last=cfg.channels_last,
         config=run_config,
-        norm_lr_scale=cfg.norm_lr_scale,
-        compile=cfg.compile,
+        **{key: cfg[key] for key in ("label_smoothing", "channels_last", "norm_lr_scale", "compile")},
     )
 
 
 def train(cfg: DictConfig) -> float:
-    """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers). However
-    it ends, the run directory's job_status.json says how (src/runs/record.py)."""
+    """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers)."""
     import lightning as L  # here, not at the top: --help and config errors answer without torch
     from hydra.utils import instantiate
 
@@ -68,8 +60,7 @@ def train(cfg: DictConfig) -> float:
             finder = build_trainer(cfg, only=("progress_bar",))
             extra["lr_find/suggestion"] = find_lr(finder, module, datamodule, cfg.paths.output_dir)
         trainer = record.trainer = build_trainer(cfg)
-        # The garbage collector skips everything set up so far: cheaper steps (RESULTS.md). Setup's garbage waits
-        # for the unfreeze below (a bounded cost; collecting it first would add a 0.3 s full collection).
+        # The GC skips all set up so far: cheaper steps (RESULTS.md); collecting setup's garbage first costs 0.3 s.
         gc.freeze()
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -77,8 +68,7 @@ def train(cfg: DictConfig) -> float:
             gc.unfreeze()  # collectable again when the run is over (a sweep runs many in one process)
         # Accuracy before training, on the sanity check's val batches: about 1/num_classes, or something is wrong.
         untrained_acc = module.sanity_check_acc if cfg.ckpt_path is None else None
-        # Report the weights with the best val loss (the current ones if no checkpoint was written).
-        best = "best" if getattr(trainer.checkpoint_callback, "best_model_path", "") else None
+        best = "best" if getattr(trainer.checkpoint_callback, "best_model_path", "") else None  # else current weights
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         if cfg.calibrate:
@@ -91,10 +81,8 @@ def train(cfg: DictConfig) -> float:
             print(format_table(metrics))
             print(f"run directory: {cfg.paths.output_dir}")
         if cfg.optimized_metric not in metrics:
-            raise ConfigError(
-                f"optimized_metric={cfg.optimized_metric!r} was not logged; choose one of "
-                f"{sorted(k for k, v in metrics.items() if isinstance(v, float))}"
-            )
+            logged = sorted(k for k, v in metrics.items() if isinstance(v, float))
+            raise ConfigError(f"optimized_metric={cfg.optimized_metric!r} was not logged; choose one of {logged}")
     return metrics[cfg.optimized_metric]
 
 

@@ -1,7 +1,4 @@
-"""Figures of a run (PNG files and TensorBoard images): grids of test predictions, of the most confident mistakes
-and of a training batch, drawn with PIL (milliseconds, not matplotlib's seconds)."""
-
-from __future__ import annotations
+"""A run's figures (PNG files and TensorBoard images), grids drawn with PIL (milliseconds, not matplotlib's seconds)."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +39,7 @@ def image_grid(
     """Normalized (N, C, H, W) images back to pixels, each scaled to `cell` pixels wide, titled below."""
     pixels = images.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     pixels = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    pixels = pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels  # gray: (N, H, W), as PIL takes it
     height = cell * pixels.shape[1] // pixels.shape[2]
     font = ImageFont.load_default(size=11)
     text_height = 14 * max(1, max(t.count("\n") + 1 for t in titles))
@@ -50,10 +48,7 @@ def image_grid(
     draw = ImageDraw.Draw(grid)
     for i, (array, title) in enumerate(zip(pixels, titles, strict=True)):
         x, y = (i % columns) * (cell + 4) + 2, (i // columns) * (height + text_height + 4) + 2
-        grid.paste(
-            Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).resize((cell, height), Image.NEAREST),
-            (x, y),
-        )
+        grid.paste(Image.fromarray(array).resize((cell, height), Image.NEAREST), (x, y))
         draw.multiline_text((x + cell // 2, y + height + 1), title, fill=colors[i] if colors else "black", font=font,
                             anchor="ma", align="center")  # fmt: skip
     return grid
@@ -72,12 +67,8 @@ class PredictionFigures(L.Callback):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.first: list[tuple[torch.Tensor, ...]] = []
-        self.worst = (
-            torch.empty(0),
-            torch.empty(0),
-            torch.empty(0, dtype=torch.long),
-            torch.empty(0, dtype=torch.long),
-        )
+        no_labels = torch.empty(0, dtype=torch.long)
+        self.worst = (torch.empty(0), torch.empty(0), no_labels, no_labels)
 
     def on_test_batch_end(
         self,
@@ -89,8 +80,7 @@ class PredictionFigures(L.Callback):
         *_: Any,
     ) -> None:
         x, y = batch[0].cpu(), batch[1].cpu()
-        logits = outputs["logits"]  # ClassifierModule's test_step output
-        confidence, predicted = logits.float().softmax(-1).max(-1)
+        confidence, predicted = outputs["logits"].float().softmax(-1).max(-1)  # ClassifierModule's test_step output
         confidence, predicted = confidence.cpu(), predicted.cpu()
         if sum(len(b[0]) for b in self.first) < self.num_images:
             self.first.append((x, predicted, y))
@@ -118,8 +108,7 @@ class PredictionFigures(L.Callback):
 
 
 class TrainBatchFigure(L.Callback):
-    """The first training batch as the model sees it (augmented), with its labels; drawn when training ends (or
-    stops on an error), so drawing never delays training."""
+    """The first training batch as the model sees it (augmented), drawn when training ends or stops (not during)."""
 
     def __init__(self, output_dir: str, num_images: int = 20) -> None:
         self.output_dir = Path(output_dir)

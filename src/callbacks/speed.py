@@ -1,7 +1,4 @@
-"""Callbacks for two training choices of the CIFAR-10 speed runs (airbench), usable by any run: an EMA of the
-weights (`ema_decay=0.99`) and a whitened first layer (`model.whiten=true`; ClassifierModule attaches it)."""
-
-from __future__ import annotations
+"""airbench's EMA of the weights (`ema_decay=0.99`) and whitened first layer (`model.whiten=true`), for any run."""
 
 import logging
 from typing import Any
@@ -19,11 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class EMA(WeightAveraging):
-    """Lightning's `WeightAveraging` with an exponential moving average of the weights and buffers after every
-    optimizer step (avg = decay * avg + (1 - decay) * weights; the first copies them). Validation, the checkpoints'
-    `state_dict` (the training weights go to `current_model_state`, from which a resumed fit continues), evaluate,
-    predict and export all see the average. One change: the average is dropped when `fit` ends, or the later
-    `validate/test(ckpt_path="best")` of src/train.py would swap in the final average, not the best one."""
+    """Lightning's `WeightAveraging` with an EMA of weights and buffers, which validation, checkpoints (the training
+    weights go to `current_model_state`), evaluate, predict and export see. Dropped when `fit` ends, or src/train.py's
+    `validate/test(ckpt_path="best")` would swap in the final average, not the best one."""
 
     def __init__(self, decay: float = 0.99, device: str | None = None) -> None:
         if not 0.0 < decay < 1.0:
@@ -45,22 +40,19 @@ class EMA(WeightAveraging):
 
 
 def ema(decay: float | None = None, device: str | None = None) -> EMA | None:
-    """The EMA callback for `ema_decay` (conf/train.yaml), or none when it is null."""
     return None if decay is None else EMA(decay, device)
 
 
 def patch_moment(images: torch.Tensor, kernel_size: int) -> tuple[torch.Tensor, int]:
-    """sum(p p^T) over all `kernel_size` x `kernel_size` patches p (flattened channel-major, as a conv
-    weight) lying fully inside the images, and their count."""
+    """(sum(p p^T) over all `kernel_size`-square patches p inside the images, flat as a conv weight; their count)."""
     patches = F.unfold(images.float(), kernel_size)  # (N, C*k*k, L)
     flat = patches.transpose(1, 2).reshape(-1, patches.shape[1]).double()
     return flat.T @ flat, flat.shape[0]
 
 
 def whitening_filters(moment: torch.Tensor, n_filters: int, eps: float = 5e-4) -> torch.Tensor:
-    """airbench's whitening filters from the patches' second moment S (d x d): the eigenvectors v_i of the top
-    k = min(d, n_filters // 2) eigenvalues, scaled by 1/sqrt(lambda_i + eps) (uncorrelated outputs of second
-    moment about 1), each as a +v/-v pair (BN and GELU after the conv are not symmetric in sign): (2k, d)."""
+    """airbench's (2k, d) whitening filters from the patches' second moment (d x d): the eigenvectors of the top k =
+    min(d, n_filters // 2) eigenvalues over sqrt(lambda + eps), as +v/-v pairs (BN, GELU are not sign-symmetric)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(moment.double())  # ascending
     k = min(moment.shape[0], n_filters // 2)
     top_values, top_vectors = eigenvalues.flip(0)[:k], eigenvectors.flip(1)[:, :k]
@@ -69,10 +61,8 @@ def whitening_filters(moment: torch.Tensor, n_filters: int, eps: float = 5e-4) -
 
 
 class WhitenStem(L.Callback):
-    """At the start of a fresh fit, for a network with `whiten = True`: the first 2k filters of its stem conv
-    (`net.stem_conv`) become `whitening_filters` of the stem-sized patches of the first `images` training images,
-    normalized as the model sees them but, as in airbench, not augmented. The second moment is averaged over DDP
-    processes, so each sets the same weights."""
+    """For a fresh fit of a network with `whiten = True`: the first 2k filters of `net.stem_conv` become
+    `whitening_filters` of the first `images` training images, not augmented (airbench), averaged over DDP processes."""
 
     def __init__(self, images: int = 5000, eps: float = 5e-4) -> None:
         self.images, self.eps = images, eps

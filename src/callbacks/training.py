@@ -1,7 +1,4 @@
-"""Training callbacks that keep a run honest and resumable (conf/callbacks/default.yaml), and its console display:
-a progress bar on a terminal, one line per epoch where output goes to a file (a log, a SLURM job)."""
-
-from __future__ import annotations
+"""Training callbacks that keep a run honest and resumable, and its console display (a progress bar or epoch lines)."""
 
 import sys
 import time
@@ -20,10 +17,8 @@ class TrainingDiverged(UserError):
 
 
 class StopOnNonFiniteLoss(L.Callback):
-    """Stops the run when the training loss became NaN or infinite, naming the epoch and the batch where it first
-    did. Reading the loss back every step would stall an accelerator (and costs a small model's CPU step more
-    than it takes), so the losses are kept on their device and checked every `check_every` batches and at the
-    epoch's end; every process stops together (one alone would hang the others in the next all-reduce)."""
+    """Stops the run at a NaN or infinite training loss, checked every `check_every` batches (a read-back each step
+    would stall an accelerator) and at the epoch's end; all processes stop together (one would hang the others)."""
 
     def __init__(self, lr: float | None = None, check_every: int = 50) -> None:
         self.lr, self.check_every = lr, max(1, check_every)
@@ -51,16 +46,13 @@ class StopOnNonFiniteLoss(L.Callback):
         if trainer.strategy.reduce_boolean_decision(first != NONE_BAD, all=False):
             first = int(trainer.strategy.all_gather(torch.tensor(first, device=trainer.strategy.root_device)).min())
             lower = f" (now {self.lr:g})" if self.lr is not None else ""
-            raise TrainingDiverged(
-                f"training diverged: the loss became NaN or infinite in epoch {trainer.current_epoch}, batch "
-                f"{first}; try a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) "
-                "or a warm-up"
-            )
+            tips = f"a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) or a warm-up"
+            where = f"epoch {trainer.current_epoch}, batch {first}"
+            raise TrainingDiverged(f"training diverged: the loss became NaN or infinite in {where}; try {tips}")
 
 
 class CheckpointAtStart(L.Callback):
-    """Writes `last.ckpt` before the first training step of a new run, so a run stopped in its first epoch
-    can be continued too (resume restarts that epoch from the same initial weights)."""
+    """Writes `last.ckpt` before a new run's first step, so a run stopped in its first epoch can be continued too."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
@@ -73,9 +65,8 @@ class CheckpointAtStart(L.Callback):
 
 
 class ReseedEachEpoch(L.Callback):
-    """Seeds the global RNGs from (seed, epoch) at every epoch start, so augmentation and dropout of an
-    epoch do not depend on what ran before it: a run resumed from an epoch-end checkpoint repeats exactly
-    what the uninterrupted run did (with num_workers=0; worker processes draw their own seeds)."""
+    """Seeds the global RNGs from (seed, epoch) at every epoch start, so a run resumed from an epoch-end checkpoint
+    repeats exactly what the uninterrupted run did (with num_workers=0; worker processes draw their own seeds)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -89,8 +80,7 @@ class ReseedEachEpoch(L.Callback):
 
 
 class EpochLines(ProgressBar):
-    """One line per training epoch with its metrics and time, printed when the next epoch starts (or training
-    ends): only then are the epoch's train metrics logged."""
+    """One line per epoch (metrics, time), printed when the next starts or training ends: only then are they logged."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,5 +1,4 @@
-"""CIFAR-10 from its pickle batches, read file by file so an error names the file (one that does not unpickle, an
-official-size batch failing its MD5, a label outside the classes); batches of other sizes (tests) skip the MD5."""
+"""CIFAR-10 from its pickle batches, read file by file so an error names the file; unofficial sizes skip the MD5."""
 
 import io
 import pickle
@@ -16,6 +15,7 @@ from torchvision.datasets.utils import check_integrity
 from src.data.common import DataError, ImageClassificationDataModule, LocalOrDownload
 
 OFFICIAL_BATCH_SIZE = 10_000
+NUMPY_MODULES = ("numpy", *(f"numpy.{c}.{m}" for c in ("core", "_core") for m in ("multiarray", "numeric")))
 MD5 = {**dict(datasets.CIFAR10.train_list + datasets.CIFAR10.test_list), "batches.meta": datasets.CIFAR10.meta["md5"]}
 
 
@@ -33,15 +33,10 @@ class ArrayImages(Dataset):
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """CIFAR's batches hold numpy arrays, lists and strings: a pickle naming any other function is refused, as a
-    checkpoint is (a data folder someone hands you must not run code)."""
+    """A pickle naming any function but numpy's array builders is refused: a data folder must not run code."""
 
     def find_class(self, module: str, name: str) -> Any:
-        numpy_module = module in (
-            "numpy",
-            *(f"numpy.{c}.{m}" for c in ("core", "_core") for m in ("multiarray", "numeric")),
-        )
-        if numpy_module and name in ("_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"):
+        if module in NUMPY_MODULES and name in ("_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it names {module}.{name}, which loading would call")
 

@@ -1,5 +1,4 @@
-"""What every datamodule shares: the seeded train/val split (or k-fold), label checks, samplers fixing the training
-order, local copies before a download, clear errors; `setup` picks the `DataPath` serving the splits once."""
+"""What every datamodule shares: the seeded split (or k-fold), label checks, samplers, local copies before download."""
 
 import os
 from collections.abc import Iterable, Sequence
@@ -28,7 +27,6 @@ DataPath = InMemoryPath | PerSamplePath
 
 
 def writable_dir(path: Path) -> Path:
-    """Create `path` or say clearly why it cannot be used."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -84,12 +82,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def source_files(self, train: bool) -> list[Path] | None:
-        """The files a split is read from; the in-memory cache is rebuilt when any of them changes."""
+        """The files a split is read from (the in-memory cache's key)."""
         raise NotImplementedError
 
     def decode(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images (N, C, H, W), int64 labels) of a `load()`ed split, decoded through PIL in threads (decoding
-        releases the GIL); datasets stored as arrays override it."""
+        """(uint8 images (N, C, H, W), int64 labels) of a `load()`ed split, decoded in threads (PIL frees the GIL)."""
         to_tensor = T.Compose([*self.resize(), T.PILToTensor()])
         images = torch.empty((len(dataset), *to_tensor(dataset[0][0]).shape), dtype=torch.uint8)
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
@@ -103,7 +100,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return ()
 
     def decoded_bytes(self) -> int:
-        """The decoded images' size, estimated before decoding them (a missing file: later)."""
+        """The decoded images' size, estimated before decoding them."""
         return sum(f.stat().st_size for t in (True, False) for f in self.source_files(t) or [] if f.is_file())
 
     def resize(self) -> list[Any]:
@@ -115,7 +112,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def normalization(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std (a single value applies to every channel)."""
         channels = self.input_shape[0]
         return per_channel(self.mean, channels, "dataset.mean"), per_channel(self.std, channels, "dataset.std")
 
@@ -125,8 +121,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return os.path.commonpath(files) if files else str(self.data_dir)
 
     def check_labels(self, labels: torch.Tensor, train: bool) -> None:
-        """Labels must index `class_names` (else training fails deep inside the loss), and a training split
-        needs two classes (with one, training "succeeds" at 100% accuracy and means nothing)."""
+        """Labels must index `class_names` (else the loss fails deep inside), and a training split needs two classes
+        (with one, training "succeeds" at 100% accuracy and means nothing)."""
         n = self.num_classes
         bad = labels[(labels < 0) | (labels >= n)]
         if len(bad):
@@ -140,8 +136,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             )
 
     def split_indices(self, n: int) -> tuple[list[int], list[int]]:
-        """(train, val) from one permutation seeded by `seed` alone (not the global RNG): val is its first
-        `val_fraction`, or its `fold`-th of `folds` parts, so the folds' val sets are disjoint and cover it."""
+        """(train, val) of one permutation seeded by `seed` alone: val is its first `val_fraction`, or fold `fold`."""
         if self.folds is None:
             start, end = 0, max(1, round(n * self.val_fraction))
             if end >= n:
@@ -180,8 +175,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return self.path.after_transfer(batch, train=self.trainer is not None and self.trainer.training)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> Iterable:
-        """Our own samplers (use_distributed_sampler=false): each epoch's order depends on (seed, epoch) alone, so a
-        resumed run sees the same batches; under DDP each process gets its shard, val/test images exactly once."""
+        """Our own samplers: each epoch's order depends on (seed, epoch) alone; under DDP val/test images count once."""
         assert dataset is not None and self.path is not None, "call setup() first"
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         if shuffle and not (self.trainer and self.trainer.overfit_batches):  # overfit: the same batches each epoch

@@ -1,6 +1,5 @@
-"""A user's own images: `data_dir/train/<class>/*.png|jpg` and optionally `data_dir/test/<class>/*`. Size comes from
-the first training image unless `size` is set; colour if any training image is. An unreadable image is an error
-naming the file, never skipped: a quietly shrinking dataset makes results incomparable."""
+"""A user's own images: `data_dir/train/<class>/*` and optionally `data_dir/test/<class>/*`. An unreadable image is an
+error, never skipped: a quietly shrinking dataset makes results incomparable."""
 
 import logging
 import os

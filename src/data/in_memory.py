@@ -1,6 +1,5 @@
 """The in-memory data path: each split decoded once to uint8, cached next to the data, kept on the training device
-where it fits; a batch is one gather, normalized and augmented on that device as `PerSamplePath.view` would do
-it per image (RandomCrop, RandomHorizontalFlip, RandomRotation with nearest, zero fill; `ReseedEachEpoch` seeds it)."""
+where it fits; a batch is one gather, normalized and augmented on that device as `PerSamplePath.view` per image."""
 
 import hashlib
 import logging
@@ -49,8 +48,7 @@ class TensorBatches:
         self.source, self.sampler, self.batch_size = dataset, sampler, batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # A generator: the order is drawn at the first batch, after Lightning has set the sampler's epoch (a
-        # resumed run calls iter() before that).
+        # Drawn at the first batch, after Lightning has set the sampler's epoch (a resumed run calls iter() before).
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.source.images.device)
         yield from map(self.source.__getitems__, order.split(self.batch_size))
 
@@ -59,8 +57,8 @@ class TensorBatches:
 
 
 def cached_tensors(cache_dir: Path, name: str, files: Sequence[Path], build: Callable, *extra: object) -> dict:
-    """`build()` (a dict of tensors), saved atomically as `cache_dir/name-KEY.pt` (older KEYs removed) and read back
-    while KEY, a hash of `name`, `extra` and the files' paths, sizes and mtimes, holds. Unwritable: decoded again."""
+    """`build()` (a dict of tensors), cached as `cache_dir/name-KEY.pt` (older KEYs removed) while KEY, a hash of
+    `name`, `extra` and the files' paths, sizes and mtimes, holds."""
     digest = hashlib.sha1(repr((name, *extra)).encode())
     for file in files:
         try:
@@ -96,8 +94,7 @@ def available_memory(device: torch.device) -> int:
 
 
 def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Each image shifted by its own offset in [-padding, padding] per axis, zero-filled (RandomCrop's windows);
-    returns channels-last memory."""
+    """Each image shifted by its own offset in [-padding, padding] per axis, zero-filled (RandomCrop); channels-last."""
     (b, _, h, w), device = images.shape, images.device
     padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
     top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
@@ -134,7 +131,6 @@ class BatchAugment:
         hflip: bool = False,
         rotation: float = 0.0,
     ) -> None:
-        # (x / 255 - mean) / std as one multiply-add.
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
         self.crop_padding, self.hflip, self.rotation = crop_padding, hflip, rotation
@@ -149,12 +145,10 @@ class BatchAugment:
             images = rotate(images, (torch.rand(len(images), device=images.device) * 2 - 1) * self.rotation)
         if self.scale.device != images.device:
             self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
-        return torch.addcmul(self.shift, images, self.scale)
+        return torch.addcmul(self.shift, images, self.scale)  # (x / 255 - mean) / std as one multiply-add
 
 
-class InMemoryPath:
-    """The `DataPath` of `dm` that serves its splits from decoded uint8 tensors (see the module docstring)."""
-
+class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tensors
     def __init__(self, dm: "ImageClassificationDataModule") -> None:
         self.dm = dm
         self.augment: BatchAugment | None = None  # built with the training split
@@ -169,7 +163,6 @@ class InMemoryPath:
         return fits
 
     def read(self, train: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[str]] | None:
-        """A split decoded to uint8 tensors: from the cache while its source files are unchanged."""
         dm, files = self.dm, self.dm.source_files(train)
         if files is None:
             return None
@@ -203,6 +196,5 @@ class InMemoryPath:
         return TensorBatches(dataset, sampler or SequentialSampler(dataset), self.dm.batch_size)
 
     def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 batches normalized (and augmented, in training) on their device."""
         assert self.augment is not None, "call setup() first"
         return self.augment(batch[0], train=train), batch[1]

@@ -17,9 +17,7 @@ from src.utils.io import write_atomically
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class MNISTDataModule(LocalOrDownload, ImageClassificationDataModule):
-    """MNIST digits; see `FashionMNISTDataModule` for the clothing set with the same file format."""
-
+class MNISTDataModule(LocalOrDownload, ImageClassificationDataModule):  # digits; FashionMNIST has the same format
     dataset_class: type[datasets.MNIST] = datasets.MNIST
     title = "MNIST"
     expected = f"the four IDX files ({', '.join(IDX_FILES)}, optionally .gz)"

@@ -1,5 +1,4 @@
-"""The per-sample data path (`PerSamplePath`): torchvision transforms on every PIL image as it is read, in
-DataLoader workers if `num_workers` > 0. For data too big to decode into memory (`dataset.in_memory=false`)."""
+"""The per-sample data path: torchvision transforms on each PIL image as read, for data too big to keep in memory."""
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,9 +26,7 @@ class _Transformed(Dataset):
         return self.transform(image), int(label)
 
 
-class PerSamplePath:
-    """The `DataPath` of `dm` that decodes and transforms image by image (see the module docstring)."""
-
+class PerSamplePath:  # the `DataPath` decoding and transforming image by image
     def __init__(self, dm: "ImageClassificationDataModule") -> None:
         self.dm = dm
 
@@ -53,5 +50,4 @@ class PerSamplePath:
         )
 
     def after_transfer(self, batch: Any, train: bool) -> Any:
-        """Batches arrive normalized and augmented already."""
         return batch

@@ -1,3 +1,1 @@
-"""One nn.Module per architecture. Each takes `input_shape` (C, H, W) and `num_classes` and returns
-logits; none knows about datasets or Lightning. Their settings (widths, dropout) have no defaults here:
-conf/model/*.yaml is the one place they are written."""
+"""One nn.Module per architecture, (`input_shape`, `num_classes`) -> logits; settings only in conf/model/*.yaml."""

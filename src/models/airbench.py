@@ -7,9 +7,7 @@ from src.utils.errors import UserError
 
 
 class _Conv(nn.Conv2d):
-    """3x3 'same' conv without bias whose first `in_channels` filters start as the identity (dirac): a deep
-    net of such convs starts close to passing its input through, which lets the short schedule train it at
-    once (airbench)."""
+    """3x3 'same' conv, no bias, first filters the identity (dirac): a deep net of them trains at once (airbench)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, padding="same", bias=False)
@@ -20,17 +18,14 @@ class _Conv(nn.Conv2d):
 
 
 def _batch_norm(channels: int, momentum: float, scale: bool) -> nn.BatchNorm2d:
-    """BN whose scale (weight) stays 1 unless `scale`: with ReLU-like activations and weight decay on the
-    convs the scale is redundant, and leaving it out lets the high learning rate go to the biases
-    (airbench). eps as small as airbench's, so normalization is exact at these batch sizes."""
+    """BN with airbench's tiny eps, its scale fixed at 1 unless `scale` (redundant: the high lr goes to the biases)."""
     norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=momentum)
     norm.weight.requires_grad_(scale)
     return norm
 
 
 class _Block(nn.Module):
-    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU: pooling before the norm halves the pixels the
-    norm and activation touch."""
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling first: BN and GELU see fewer pixels)."""
 
     def __init__(self, in_channels: int, out_channels: int, momentum: float, scale: bool) -> None:
         super().__init__()
@@ -45,16 +40,9 @@ class _Block(nn.Module):
 
 
 class AirbenchNet(nn.Module):
-    """The network of the CIFAR-10 speed record airbench94 (Keller Jordan), written for any image size and
-    channel count: a 2x2 stem conv with 2 * C * 4 filters and a bias (no padding, no norm) -> GELU, then one
-    `_Block` per width (airbench: 64, 256, 256), global max-pooling, a linear layer without bias and a
-    fixed logit scale (airbench: 1/9, which keeps the first steps' softmax soft).
-
-    `whiten=True`: the stem's filters are set from the whitened 2x2 patches of the training images at the
-    start of a fresh fit (`src.callbacks.speed.WhitenStem`, attached by ClassifierModule) and then stay fixed
-    (only the stem's bias trains), as in airbench; `whiten=False` trains them from a random start.
-    `bn_scale=False` keeps every BN scale at 1 (airbench); `bn_momentum` is PyTorch's (airbench's 0.6 is 0.4 here).
-    """
+    """airbench94's network (Keller Jordan) for any image shape: a 2x2 stem conv -> GELU, one `_Block` per width,
+    global max-pooling, a bias-free linear layer and a fixed logit scale. `whiten=True`: `WhitenStem` sets the stem's
+    filters, then fixed. `bn_scale=False` keeps BN scales at 1; `bn_momentum` is PyTorch's (airbench's 0.6 is 0.4)."""
 
     def __init__(
         self,
@@ -75,12 +63,9 @@ class AirbenchNet(nn.Module):
         nn.init.zeros_(self.stem.bias)
         self.stem.weight.requires_grad_(not whiten)
         self.whiten = whiten
-        blocks, in_channels = [], stem_width
-        for out_channels in widths:
-            blocks.append(_Block(in_channels, out_channels, bn_momentum, bn_scale))
-            in_channels = out_channels
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(in_channels, num_classes, bias=False)
+        ins = [stem_width, *widths]  # each block's input channels, then the head's
+        self.blocks = nn.Sequential(*(_Block(i, o, bn_momentum, bn_scale) for i, o in zip(ins, widths, strict=False)))
+        self.head = nn.Linear(ins[-1], num_classes, bias=False)
         self.logit_scale = logit_scale
 
     @property

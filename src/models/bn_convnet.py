@@ -14,15 +14,8 @@ def _conv_bn(in_channels: int, out_channels: int, pool: bool) -> list[nn.Module]
 
 
 class BNConvNet(nn.Module):
-    """A small fast-training CNN in the style of the CIFAR-10 speed-run networks (airbench): a 3x3 stem,
-    then per width a block of conv -> 2x2 max-pool -> BN -> GELU and `convs_per_block - 1` further
-    conv -> BN -> GELU (with a residual connection), global max-pooling and one linear layer.
-
-    Batch norm makes high learning rates and short schedules stable; widths trade accuracy for time.
-    `whiten=True` asks for airbench's whitening initialization of the stem conv (`stem_conv`) from patches
-    of the training images, which needs data: `src.callbacks.speed.WhitenStem` (attached by ClassifierModule)
-    does it at the start of a fresh fit.
-    """
+    """A small fast-training CNN in airbench's style: a 3x3 stem, per width a conv -> 2x2 max-pool -> BN -> GELU and
+    `convs_per_block - 1` residual conv -> BN -> GELU, global max-pooling, one linear layer; `whiten`: `WhitenStem`."""
 
     def __init__(
         self,

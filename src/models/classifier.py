@@ -1,13 +1,6 @@
-"""ClassifierModule: cross-entropy training of any network of src/models, with torchmetrics metrics, the
-optimizer and schedule, test-time augmentation and temperature. It knows no dataset: class names, input shape
-and normalization are arguments, saved in the checkpoint, so a checkpoint is usable alone. Its interface
-besides Lightning's hooks: `validation_step`/`test_step` return `{"logits": ...}` (callbacks get them as
-`outputs`); `predict_step(images)` gives probabilities; after `trainer.test`, `test_result` holds what the
-test epoch measured beyond the logged scalars; after `trainer.fit`, `sanity_check_acc` is the accuracy of
-fit's sanity check (for a fresh fit, the untrained accuracy).
-"""
-
-from __future__ import annotations
+"""ClassifierModule: cross-entropy training of any src/models network. It knows no dataset: class names, input shape
+and normalization are arguments saved in the checkpoint, so a checkpoint is usable alone. `validation_step` and
+`test_step` return `{"logits": ...}` (callbacks' `outputs`); `predict_step(images)` gives probabilities."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -19,14 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics import classification as tmc
 from torchmetrics.utilities import dim_zero_cat
 
 from src.callbacks.speed import WhitenStem
@@ -38,9 +24,8 @@ ECE_BINS = 15  # expected calibration error and the reliability diagram: 15 equa
 
 
 def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str) -> torch.Tensor:
-    """The logits of `x` (N, C, H, W) averaged over the views of test-time augmentation `tta`, as airbench: "none";
-    "mirror" (1/2 x + 1/2 hflip(x)); "mirror_translate" (1/2 "mirror" of x, 1/4 of x moved one pixel down and
-    right, 1/4 of x moved up and left, each shift reflect-padded). Logits, not probabilities, are averaged."""
+    """Logits of `x` (N, C, H, W) averaged over the views of `tta`, as airbench: "none"; "mirror" (x and hflip(x));
+    "mirror_translate" (1/2 "mirror", 1/4 each of x shifted one pixel down-right and up-left, reflect-padded)."""
     if tta == "none":
         return forward(x)
 
@@ -58,9 +43,8 @@ def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 def warmup_then_decay(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup: float, start_factor: float, end_factor: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """airbench's schedule, stepped per optimizer step: each group's rate rises linearly from `start_factor` x over
-    the first `warmup` of the steps (BN statistics and momentum settle before the large steps), then falls
-    linearly to `end_factor` x (the final low-rate steps gain most). Multiplying keeps `norm_lr_scale`."""
+    """airbench's schedule, per optimizer step: each group's rate rises linearly from `start_factor` x over the first
+    `warmup` of the steps (BN settles first), then falls linearly to `end_factor` x; multiplying keeps norm_lr_scale."""
     from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
     warm = int(total_steps * warmup)
@@ -95,16 +79,14 @@ class ClassifierModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
-        channels_last: bool = True,
-        config: dict | None = None,
+        channels_last: bool = True,  # NHWC, faster to convolve
+        config: dict | None = None,  # kept in the checkpoint
         tta: str | None = None,
         norm_lr_scale: float = 1.0,
-        compile: bool = False,
+        compile: bool = False,  # in place: checkpoints unchanged
     ) -> None:
-        """`optimizer`/`scheduler`: Hydra partials; `lr_scheduler`: Lightning's settings (`interval`) and
-        `total_steps_key`, the scheduler argument given the run's step count. `channels_last`: NHWC, which oneDNN
-        and cuDNN convolve faster. `config`: kept in the checkpoint. `norm_lr_scale`: normalization parameters
-        train at lr x it and weight decay / it (airbench: 64). `compile`: in place (checkpoints unchanged)."""
+        """`optimizer`/`scheduler`: Hydra partials; `lr_scheduler`: Lightning's settings, `total_steps_key` the argument
+        given the run's step count. `norm_lr_scale`: norm parameters train at lr x it, weight decay / it (airbench)."""
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.hparams.mean, self.hparams.std = (per_channel(v, int(input_shape[0])) for v in (mean, std))
@@ -119,29 +101,27 @@ class ClassifierModule(L.LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
-        # Each step's loss and hits stay on the device (an argmax and a compare), summed once an epoch: metric
-        # objects cost more per step than a small model's step.
+        # Each step's loss and hits stay on the device, summed once an epoch (metric objects cost more per step).
         self.train_steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # validate_args=False: the checks read values back from the device, a host sync on every step.
-        # Val needs only the accuracy that checkpoints and sweeps watch; test reports per class, the confusion
-        # matrix, calibration (ECE) and top-5 accuracy where it means something (one update for all).
+        # validate_args=False: its checks sync with the host every step. Val needs only the accuracy checkpoints and
+        # sweeps watch; test: per class, the confusion matrix, ECE and top-5 where it means something.
         test = {
-            "acc": MulticlassAccuracy(n, average="micro", validate_args=False),
-            "acc_per_class": MulticlassAccuracy(n, average="none", validate_args=False),
-            "precision": MulticlassPrecision(n, average="none", validate_args=False),
-            "recall": MulticlassRecall(n, average="none", validate_args=False),
-            "f1": MulticlassF1Score(n, average="none", validate_args=False),
-            "confusion_matrix": MulticlassConfusionMatrix(n, validate_args=False),
-            "ece": MulticlassCalibrationError(n, n_bins=ECE_BINS, norm="l1", validate_args=False),
+            "acc": tmc.MulticlassAccuracy(n, average="micro", validate_args=False),
+            "acc_per_class": tmc.MulticlassAccuracy(n, average="none", validate_args=False),
+            "precision": tmc.MulticlassPrecision(n, average="none", validate_args=False),
+            "recall": tmc.MulticlassRecall(n, average="none", validate_args=False),
+            "f1": tmc.MulticlassF1Score(n, average="none", validate_args=False),
+            "confusion_matrix": tmc.MulticlassConfusionMatrix(n, validate_args=False),
+            "ece": tmc.MulticlassCalibrationError(n, n_bins=ECE_BINS, norm="l1", validate_args=False),
         }
         if n > 5:
-            test["acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro", validate_args=False)
-        val = MetricCollection({"acc": MulticlassAccuracy(n, average="micro", validate_args=False)})
+            test["acc_top5"] = tmc.MulticlassAccuracy(n, top_k=5, average="micro", validate_args=False)
+        val = MetricCollection({"acc": tmc.MulticlassAccuracy(n, average="micro", validate_args=False)})
         self.eval_metrics = nn.ModuleDict({"val": val, "test": MetricCollection(test)})
         # Temperature scaling (src/runs/tuning.py): logits are divided by it; 1 until a run is calibrated.
         self.register_buffer("temperature", torch.ones(()))
-        self.test_result: TestResult | None = None
-        self.sanity_check_acc: float | None = None
+        self.test_result: TestResult | None = None  # set by trainer.test
+        self.sanity_check_acc: float | None = None  # by trainer.fit: its sanity check's (a fresh fit's: untrained)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -153,8 +133,7 @@ class ClassifierModule(L.LightningModule):
         checkpoint["state_dict"].setdefault("temperature", torch.ones(()))  # written before calibration existed
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """A network that asks for a whitened stem (`model.whiten=true`) gets it at the start of a fresh fit (from
-        the Trainer's own WhitenStem where it has one, e.g. with other settings)."""
+        """A network with `whiten = True` gets a WhitenStem, unless the Trainer has one (e.g. with other settings)."""
         given = any(isinstance(c, WhitenStem) for c in self.trainer.callbacks)
         return [WhitenStem()] if getattr(self.net, "whiten", False) and not given else []
 
@@ -174,7 +153,6 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """The epoch's mean loss per image and accuracy, over all processes."""
         if self.train_steps:
             losses, correct = zip(*self.train_steps, strict=True)
             sizes = torch.tensor([len(c) for c in correct], device=losses[0].device)
@@ -200,8 +178,7 @@ class ClassifierModule(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        """compute() syncs across DDP processes, so every image is counted exactly once."""
-        acc = self.eval_metrics["val"].compute()["acc"]
+        acc = self.eval_metrics["val"].compute()["acc"]  # synced across DDP processes: every image once
         if self._trainer is not None and self.trainer.sanity_checking:
             self.sanity_check_acc = float(acc)
         self.log("val/acc", acc, prog_bar=True)
@@ -248,10 +225,8 @@ class ClassifierModule(L.LightningModule):
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
         now = [group["lr"] for group in optimizer.param_groups]
         if len(now) > 1 and not math.isclose(now[1] * before[0], now[0] * before[1], rel_tol=1e-6):
-            raise UserError(
-                f"norm_lr_scale={scale} needs a scheduler that multiplies every group's learning rate "
-                "(warmup_decay, cosine, step); this one sets the same rate for all (onecycle's max_lr)"
-            )
+            needs = "needs a scheduler that multiplies every group's learning rate (warmup_decay, cosine, step)"
+            raise UserError(f"norm_lr_scale={scale} {needs}; this one sets the same rate for all (onecycle's max_lr)")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -263,8 +238,7 @@ class ClassifierModule(L.LightningModule):
 
 
 def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> list[tuple[float, float, int]]:
-    """(mean confidence, accuracy, images) per equal-width confidence bin (an empty one: its centre, 0, 0): the
-    reliability diagram's bars, from the per-image confidences torchmetrics' calibration error keeps."""
+    """(mean confidence, accuracy, images) per equal-width confidence bin (empty: its centre, 0, 0): diagram bars."""
     confidences, correct = confidences.cpu(), correct.cpu()
     index = torch.clamp((confidences * ECE_BINS).long(), max=ECE_BINS - 1)
     count = torch.bincount(index, minlength=ECE_BINS)

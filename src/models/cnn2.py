@@ -8,12 +8,8 @@ from src.utils.errors import UserError
 
 
 class CNN2(nn.Module):
-    """Unpadded 3x3 conv + ReLU + 2x2 max-pool blocks (10 and 20 channels), then fully connected layers.
-
-    With `hidden=[]` the features go straight to the classes (the first Fashion-MNIST seed); `hidden=[50]`
-    with `dropout=0.4` gives the second seed; channels 6 and 16 with hidden 120-84 the MNIST seed's LeNet
-    (conf/model/lenet.yaml). The flatten size follows from `input_shape`.
-    """
+    """Unpadded 3x3 conv + ReLU + 2x2 max-pool blocks, then fully connected layers: the Fashion-MNIST seeds' CNNs
+    (`hidden=[]`; `hidden=[50]` with `dropout=0.4`), and with channels 6, 16, hidden 120-84 the MNIST seed's LeNet."""
 
     def __init__(
         self,

@@ -5,8 +5,7 @@ from torch import nn
 
 
 class CNN3(nn.Module):
-    """The CIFAR-10 seed's CNN: three padded 3x3 conv + 2x2 max-pool blocks (16-32-64 channels), then
-    dropout, a 500-unit hidden layer (`hidden`: a width or a list of widths), dropout and the output layer."""
+    """The CIFAR-10 seed's CNN: padded 3x3 conv + 2x2 max-pool blocks, then dropout and hidden layers (`hidden`)."""
 
     def __init__(
         self,

@@ -1,12 +1,6 @@
-"""Checkpoints: written atomically, read with `torch.load(weights_only=True)` (a `.ckpt` is a pickle, which can
-call any function it names; ours hold only tensors and plain values), and `open_run`, the one way a finished run
-is opened again (evaluate, predict, export). Of a stored config, `open_run` builds only network and datamodule
-classes of ours or torch's; a resumed run (src/runs/record.py) also accepts our packages' other components, what
-its own command names and `trusted_packages`. Any other `_target_` is refused with one line naming it. Models written
-by src.export are opened here too: NAME.onnx (run by onnxruntime) or NAME.pt (TorchScript: a program that
-torch.jit.load runs, so only your own or trusted ones)."""
-
-from __future__ import annotations
+"""Checkpoints, written atomically and read `weights_only` (a `.ckpt` is a pickle that can call any function), and
+`open_run`: of a run's stored config it builds only network and datamodule classes of ours or torch's, refusing any
+other `_target_`. Also src.export's models: NAME.onnx or NAME.pt (TorchScript, a program: only trusted ones)."""
 
 import importlib
 import io
@@ -74,12 +68,11 @@ def _targets(node: Any, key: str) -> Iterator[tuple[str, Any]]:
 
 
 def config_targets(config: Any) -> set[str]:
-    """Every `_target_` a config names."""
     return {target for _, target in _targets(config, "") if isinstance(target, str)}
 
 
 def allowed_kinds() -> tuple[type, ...]:
-    """What a resumed run's config may build: the kinds of object our config groups configure."""
+    """What a resumed run's config may build: the kinds of object of our config groups."""
     import optuna
     from lightning.pytorch.loggers import Logger
     from lightning.pytorch.profilers import Profiler
@@ -107,8 +100,7 @@ def _refusal(target: Any, kinds: tuple[type, ...]) -> str | None:
 def check_targets(
     config: Any, source: str | Path, key: str = "", kinds: tuple[type, ...] = NETWORK_OR_DATA, trusted: Sequence = ()
 ) -> None:
-    """Refuse a config (at `key`) with a `_target_` that is not an allowed kind of class, unless `trusted` names it
-    or a package above it (a resumed run trusts what its own command names, and `trusted_packages`)."""
+    """Refuse a config (at `key`) whose `_target_` is of no allowed kind, unless `trusted` names it or its package."""
     for where, target in _targets(config, key):
         if isinstance(target, str) and any(target == t or target.startswith(f"{t}.") for t in trusted):
             continue
@@ -128,8 +120,7 @@ def checkpoint_hparams(path: str | Path) -> dict[str, Any]:
 
 
 def _checked(config: Any, key: str, source: str | Path) -> dict[str, Any]:
-    """`config[key]` resolved to plain values (an interpolation may point anywhere in the config) whose targets
-    are all network or datamodule classes: what is checked is exactly what gets instantiated."""
+    """`config[key]` resolved (an interpolation may point anywhere) and its targets checked: exactly what is built."""
     try:
         node = OmegaConf.to_container(config[key], resolve=True) if OmegaConf.is_config(config[key]) else config[key]
     except Exception as e:  # noqa: BLE001 - a doctored or broken interpolation
@@ -169,15 +160,13 @@ def open_run(
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """The Trainer's checkpoint reader and writer: loads are `weights_only=True`, saves atomic (src/utils/io.py),
-    so a run killed mid-save leaves the previous checkpoint intact."""
+    """The Trainer's checkpoint IO: loads `weights_only=True`, saves atomic (a run killed mid-save keeps the last)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        # Restores state only (nothing in it is instantiated), so its config needs no check here.
-        return read_checkpoint(path, map_location=map_location or "cpu")
+        return read_checkpoint(path, map_location=map_location or "cpu")  # state only: its config is not built
 
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}  # the suffix tells the formats apart
@@ -202,14 +191,11 @@ def quiet_torch_jit() -> Iterator[None]:
 
 
 def format_of(path: Path) -> str | None:
-    """The export format a file name says, or None (a checkpoint)."""
     return next((fmt for fmt, suffix in FORMATS.items() if path.suffix == suffix), None)
 
 
 @dataclass(frozen=True)
-class Exported:
-    """An exported model opened for inference, with the metadata its file carries."""
-
+class Exported:  # an exported model opened for inference, with the metadata its file carries
     class_names: list[str]
     input_shape: list[int]
     mean: list[float]
@@ -218,7 +204,6 @@ class Exported:
 
 
 def _with_metadata(values: Mapping[str, str | bytes], name: str, logits: Callable) -> Exported:
-    """The model `logits` runs, with the metadata of its file `name`, checked."""
     if missing := [key for key in METADATA if key not in values]:
         raise ExportError(f"{name} has no {missing[0]} metadata: only models exported by src.export can be used")
     try:

@@ -1,10 +1,5 @@
-"""A run's directory and its life: the Trainer that writes it, continuing it from a checkpoint, and
-`job_status.json`, which says how the run ended, whatever ended it: COMPLETED (metrics.json holds the results),
-FAILED (`error`: the one-line reason, e.g. a diverged loss, a data error, a bug's message) or INTERRUPTED (Ctrl-C
-or SIGTERM; `resume_command` continues the run from checkpoints/last.ckpt). A run killed outright (SIGKILL, power
-loss) has no status; `src.summarize` shows it as INCOMPLETE."""
-
-from __future__ import annotations
+"""A run's directory and its life: the Trainer that writes it, resuming, and `job_status.json`: COMPLETED, FAILED
+(`error`: the one-line reason) or INTERRUPTED (`resume_command` continues it); a run killed outright has none."""
 
 import json
 import logging
@@ -30,8 +25,7 @@ log = logging.getLogger(__name__)
 
 # Overrides that say where a run writes, whether it resumes or what it trusts, not what it computes.
 NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=", "trusted_packages=")
-# Settings a resumed run may change: training longer is what resuming is for; the others only change what the
-# console shows or how fast, never a result.
+# Settings a resumed run may change: training longer is what resuming is for; the others never change a result.
 SHOWN_OR_SPEED = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar", "compile")
 RESUMABLE_CHANGES = ("trainer.max_epochs", *SHOWN_OR_SPEED)
 
@@ -53,7 +47,6 @@ def task_overrides() -> list[str]:
 
 
 def _settings(overrides: Path | list[str]) -> list[str]:
-    """A run's overrides that define what it computes (not RESUMABLE_CHANGES)."""
     items = OmegaConf.load(overrides) if isinstance(overrides, Path) else overrides
     ignored = (*NOT_SETTINGS, *(f"{key}{end}" for key in RESUMABLE_CHANGES for end in "=."))
     return sorted(o for o in items if not o.lstrip("+~").startswith(ignored))
@@ -85,9 +78,8 @@ def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
 
 
 def resume_from(cfg: DictConfig) -> None:
-    """`ckpt_path=PATH` or `resume=true`: continue the checkpoint's run in its own directory (best checkpoint,
-    TensorBoard curves and metrics.json carry on); a run directory that holds a run is continued, never overwritten.
-    Refused when a setting other than RESUMABLE_CHANGES differs: its results would be silently rewritten."""
+    """`ckpt_path=PATH` or `resume=true`: continue the checkpoint's run in its own directory (a run directory that holds
+    a run is continued, never overwritten); refused when a setting not in RESUMABLE_CHANGES differs."""
     if cfg.resume and cfg.ckpt_path is None:
         cfg.ckpt_path = str(find_last_checkpoint(Path(cfg.paths.runs_root), list(HydraConfig.get().overrides.task)))
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
@@ -128,15 +120,15 @@ def resume_command(cfg: DictConfig) -> str:
 
 
 class RunRecord:
-    """`with RunRecord(cfg) as record:` writes `job_status.json` however the run ends, and turns Ctrl-C or SIGTERM
-    into a `RunInterrupted` that says how to continue. Set `record.trainer` once it exists (the epoch reached)."""
+    """`with RunRecord(cfg) as record:` writes `job_status.json` however the run ends, Ctrl-C or SIGTERM becoming a
+    `RunInterrupted` that says how to continue. Set `record.trainer` once it exists (the epoch reached)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.trainer: L.Trainer | None = None
         self._sigterm = sigterm_as_interrupt()
 
-    def __enter__(self) -> RunRecord:
+    def __enter__(self) -> "RunRecord":
         self.started = time.time()
         self._sigterm.__enter__()
         return self

@@ -1,8 +1,4 @@
-"""What a tested run writes for people: `report_run` (called by train and evaluate after testing) writes
-metrics.json, the confusion matrix and reliability diagram, and the hyper-parameters with final metrics
-(TensorBoard's HPARAMS tab), from what ClassifierModule hands out (`test_result` and its hparams)."""
-
-from __future__ import annotations
+"""What a tested run writes for people: metrics.json, its figures and TensorBoard's HPARAMS tab (`report_run`)."""
 
 import json
 import math
@@ -27,7 +23,6 @@ SUMMARY_KEYS = tuple(
     "lr_find/suggestion val/acc_untrained val/loss val/acc test/loss test/acc test/acc_top5 test/ece_uncalibrated "
     "calibration/temperature test/ece".split()
 )
-# Config sections that describe a run's hyper-parameters (for TensorBoard's HPARAMS tab).
 HPARAM_SECTIONS = ("dataset", "model", "optimizer", "scheduler", "seed", "label_smoothing", "trainer")
 
 
@@ -79,8 +74,7 @@ def report_run(
     overrides: Sequence[str] = (),
     extra: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The metrics of a tested run (on every rank: train() returns one on each) from what the entry point measured;
-    from rank 0, also metrics.json, the two figures and the HPARAMS tab."""
+    """A tested run's metrics (on every rank: train() returns them on each); rank 0 also writes the files and tab."""
     result = module.test_result
     assert result is not None, "report_run() comes after trainer.test()"
     chance = chance_level(result.confusion_matrix)
@@ -117,8 +111,7 @@ def report_run(
     return metrics
 
 
-def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> Figure:
-    """Counts per (true, predicted) class, darker for more."""
+def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> "Figure":
     from matplotlib.figure import Figure
 
     n, most = len(names), max(max(row) for row in matrix)
@@ -133,7 +126,7 @@ def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> F
     return fig
 
 
-def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> Figure:
+def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> "Figure":
     """Accuracy against confidence per bin (shade: how many images); a calibrated model's bars reach the diagonal."""
     from matplotlib.figure import Figure
 
@@ -161,7 +154,5 @@ def _log_hparams(logger: Logger, module: ClassifierModule, metrics: dict[str, An
     if isinstance(params.get("trainer"), dict):
         params["trainer"] = {"max_epochs": params["trainer"].get("max_epochs")}
     final = {f"hparams/{k.replace('/', '_')}": v for k, v in metrics.items() if isinstance(v, float)}
-    if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab shows the final metrics beside them
-        logger.log_hyperparams(params, metrics=final)
-    else:
-        logger.log_hyperparams(params)
+    tensorboard = isinstance(logger, TensorBoardLogger)  # its HPARAMS tab shows the final metrics beside them
+    logger.log_hyperparams(params, **({"metrics": final} if tensorboard else {}))

@@ -1,10 +1,5 @@
-"""Results table of a sweep: every run with its overrides, status, best val loss, test accuracy, epochs and
-wall time, sorted by the optimized metric, plus mean/std over runs that differ only by `seed` or fold.
-`python -m src.summarize DIR` writes it for any folder of runs; `SweepSummary` (a Hydra callback in
-conf/train.yaml) rewrites it after every job, so a crashed or interrupted sweep still has a table of what
-finished, and names the sweep's job folders after what the sweep varies."""
-
-from __future__ import annotations
+"""Results table of a sweep, plus mean/std over runs that differ only by `seed` or fold. `SweepSummary` rewrites it
+after every job, so a crashed or interrupted sweep still has one, and names the job folders after what varies."""
 
 import csv
 import io
@@ -52,8 +47,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         metrics, job = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "job_status.json")
         resume = job.get("resume_command")
         row = {"run": str(run_dir.relative_to(sweep_dir))}
-        # No job_status.json: still running, or killed outright (SIGKILL, power loss).
-        row["status"] = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")
+        row["status"] = job.get("status") or ("COMPLETED" if metrics else "INCOMPLETE")  # running, or killed
         row["overrides"] = " ".join(o for o in OmegaConf.load(file) if not str(o).startswith("hydra."))
         row["error"] = job.get("error") or (f"continue with: {resume}" if resume else "")
         row["wall_time_s"] = round(job["wall_time_s"], 1) if "wall_time_s" in job else None
@@ -97,8 +91,7 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str], csv_file: Path, e
 
 
 def summarize(sweep_dir: Path, metric: str = "val/acc") -> str:
-    """Write summary.csv and summary.md (and summary_groups.csv) into `sweep_dir`, best first by `metric`
-    (ascending for losses), runs without it last; return the Markdown."""
+    """Write summary.csv, summary.md (and summary_groups.csv) into `sweep_dir`, best `metric` first; return the text."""
     sign, rows = 1 if "loss" in metric else -1, collect(sweep_dir)
     rows.sort(key=lambda r: (0, sign * r[metric]) if isinstance(r.get(metric), (int, float)) else (1, 0.0))
     common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()

@@ -1,9 +1,5 @@
-"""What train does before and after fitting, when asked: `lr_find=true` (Lightning's learning-rate finder picks
-optimizer.lr; lr_find.png) and `calibrate=true` (temperature scaling, Guo et al. 2017: one scalar T, fitted on the
-validation split, divides the logits so the predicted probabilities match how often the model is right; the
-predicted classes do not change; test ECE before and after, T stored in the best checkpoint)."""
-
-from __future__ import annotations
+"""What train does around fitting when asked: `lr_find=true` (Lightning's finder picks optimizer.lr), `calibrate=true`
+(temperature scaling, Guo et al. 2017: logits divided by one T fitted on the val split; classes unchanged)."""
 
 import functools
 from pathlib import Path
@@ -20,8 +16,7 @@ from src.utils.errors import UserError
 
 
 def find_lr(trainer: L.Trainer, module: ClassifierModule, datamodule: L.LightningDataModule, output_dir: str) -> float:
-    """Lightning's finder, run with `trainer` (without the run's checkpointing: it fits a few steps, then restores the
-    weights); its suggestion becomes the optimizer's lr (and one-cycle's max_lr, which follows optimizer.lr)."""
+    """Lightning's finder, run with `trainer` (no checkpointing); its suggestion becomes optimizer.lr (and max_lr)."""
     from lightning.pytorch.tuner import Tuner
 
     finder = Tuner(trainer).lr_find(module, datamodule=datamodule, update_attr=False)
@@ -53,8 +48,7 @@ class CollectLogits(L.Callback):
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
-    """The temperature minimizing the negative log-likelihood of `labels`; returns (T, NLL before, after).
-    Optimized as log T, so T stays positive."""
+    """(T minimizing the NLL of `labels`, NLL before, after); optimized as log T, so T stays positive."""
     log_t = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
@@ -80,16 +74,13 @@ def calibrate(trainer: L.Trainer, module: ClassifierModule, datamodule: L.Lightn
     trainer.validate(module, datamodule=datamodule, verbose=False)
     temperature, before, after = fit_temperature(torch.cat(collect.logits), torch.cat(collect.labels))
     module.temperature.fill_(temperature)
-    return {
-        "calibration/temperature": temperature,
-        "calibration/val_nll_before": before,
-        "calibration/val_nll_after": after,
-    }
+    keys = ("calibration/temperature", "calibration/val_nll_before", "calibration/val_nll_after")
+    return dict(zip(keys, (temperature, before, after), strict=True))
 
 
 def store_temperature(checkpoint: str | Path, temperature: float) -> None:
-    """Write the temperature into the checkpoint it was fitted on (the best), for evaluate, predict and export. Not
-    into last.ckpt: its weights differ, and a resumed run compares its val loss with the best one at temperature 1."""
+    """Write `temperature` into the best checkpoint (it was fitted there), not last.ckpt: its weights differ, and a
+    resumed run compares its val loss with the best one at temperature 1."""
     if checkpoint and Path(checkpoint).is_file():
         content = read_checkpoint(checkpoint)
         content["state_dict"]["temperature"] = torch.tensor(temperature)

@@ -1,8 +1,4 @@
-"""What every Hydra entry point does around its body (`main = entry_point("train")(train)`): conf/NAME.yaml,
-a quiet console (no Lightning advertisements or "GPU available: False" lines), glibc keeping freed memory,
-and the error story of src/utils/errors.py. Nothing here imports torch: `--help` answers without it."""
-
-from __future__ import annotations
+"""What every Hydra entry point does around its body; nothing here imports torch: `--help` answers without it."""
 
 import ctypes
 import logging
@@ -41,8 +37,8 @@ def quiet_console() -> None:
 
 
 def keep_freed_memory() -> None:
-    """Tell glibc to keep freed blocks in the heap: by default it unmaps large ones, so every CPU training
-    step page-faults its activations in afresh (measured up to 2x slower steps, varying run to run)."""
+    """Keep freed blocks in glibc's heap: by default it unmaps large ones, so every CPU training step page-faults its
+    activations in afresh (measured up to 2x slower steps)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune

@@ -1,8 +1,5 @@
-"""Checks of the composed config before anything runs. Every value passed to a `_target_` must fit the type
-hint of the parameter it fills, so `trainer.max_epochs=abc` fails at start naming the key, not an hour in.
-(Hydra's struct mode already rejects unknown keys and group choices.)"""
-
-from __future__ import annotations
+"""Checks of the composed config before anything runs: every value passed to a `_target_` must fit its parameter's
+type hint, so `trainer.max_epochs=abc` fails at start naming the key, not an hour in."""
 
 import inspect
 import types
@@ -44,8 +41,7 @@ def _accepts(hint: Any, value: Any) -> bool:
 
 
 def _parameters(obj: Any) -> tuple[set[str], dict[str, Any], bool]:
-    """(parameter names, type hints, takes **kwargs) of a callable; for a class whose __init__ passes **kwargs
-    on to its parents (our datamodules), the parents' parameters too."""
+    """(names, hints, takes **kwargs) of a callable's parameters; a class's include its parents' if **kwargs go on."""
     names: set[str] = set()
     hints: dict[str, Any] = {}
     for fn in [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]:

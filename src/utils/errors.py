@@ -1,9 +1,5 @@
-"""One error story for every entry point: a user's mistake (a config value, a data folder, a checkpoint we
-refuse) is a `UserError`, one line on stderr and exit status 1; anything else is a bug and keeps its traceback
-(on stderr and in the run's log file). In a sweep every error is re-raised, so Hydra marks just that job
-failed. Ctrl-C and SIGTERM end as a `RunInterrupted` whose message says what was kept and how to go on."""
-
-from __future__ import annotations
+"""One error story for every entry point: a `UserError` is one line on stderr and exit status 1; anything else is a
+bug and keeps its traceback. In a sweep every error is re-raised, so Hydra marks just that job failed."""
 
 import logging
 import signal
@@ -61,11 +57,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def is_user_error(error: BaseException) -> bool:
     """UserErrors, and what Hydra/OmegaConf raise for a config they cannot build. Not bare ValueErrors and
     TypeErrors: torch raises them for bugs (src/utils/config.py checks names and types first)."""
-    if isinstance(error, (UserError, MissingMandatoryValue)):
-        return True
     if isinstance(error, InstantiationException):  # Hydra could not build what the config names
         return error.__cause__ is None or is_user_error(error.__cause__)
-    return False
+    return isinstance(error, (UserError, MissingMandatoryValue))
 
 
 def one_line(error: BaseException) -> str:
@@ -93,7 +87,6 @@ def _log_file_only(level: int, message: str, exc_info: BaseException | None = No
 
 
 def report_errors(command: Callable[[], T]) -> T:
-    """Run an entry point's body with the error story of the module docstring."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return command()

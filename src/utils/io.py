@@ -1,12 +1,5 @@
-"""The one writer of every file a run leaves (checkpoints, metrics.json, job status, the image cache, exports).
-
-A file is written under a temporary name in its own folder and renamed over the target, so an interrupted
-write never looks complete. The temporary name carries the writer's host and pid: the next writer removes
-those whose process is gone (or a day old: another host) and leaves a parallel writer's alone (a sweep job,
-a DDP rank). Files get the usual permissions (0666 less the umask), not mkstemp's 0600.
-"""
-
-from __future__ import annotations
+"""The one writer of every file a run leaves: a temporary file renamed over the target, so an interrupted write never
+looks complete; the next writer removes those of dead writers (by host and pid), not a parallel writer's."""
 
 import logging
 import os
@@ -33,7 +26,7 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: Path, stem: str) -> None:
-    """Remove `folder/.STEM.HOST.PID.*.tmp` files of writers that died (this host) or a day old (any host)."""
+    """Remove `folder/.STEM.HOST.PID.*.tmp` files of dead writers (this host) or a day old (any host)."""
     for path in folder.glob(f".{stem}.*.tmp"):
         host, _, pid = path.name[len(stem) + 2 : -4].rpartition(".")[0].rpartition(".")
         try:
@@ -48,15 +41,14 @@ def remove_stale_temps(folder: Path, stem: str) -> None:
 def write_atomically(
     target: Path, content: bytes | str | Callable[[BinaryIO], object], stem: str | None = None
 ) -> None:
-    """Write `content` (bytes, text, or a function given the open file) to `target`; `stem` (default: its name)
-    groups the temporary files whose stale leftovers are removed first."""
+    """Write `content` (bytes, text, or a function given the open file) to `target`; `stem` names the temp files."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     stem = stem or target.name
     remove_stale_temps(target.parent, stem)
     tmp = target.parent / f".{stem}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "xb") as f:  # not mkstemp: its files get 0600, not the usual 0666 less the umask
             if callable(content):
                 content(f)
             else:

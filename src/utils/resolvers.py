@@ -1,7 +1,4 @@
-"""The config resolvers (`${fast_precision:...}`, `${sweep_subdir:...}`), registered on any import of `src`
-(omegaconf only), so every entry point and every saved run config re-resolved later finds them."""
-
-from __future__ import annotations
+"""The config resolvers, registered on any import of `src` (omegaconf only), so saved run configs resolve later too."""
 
 import os
 
@@ -11,9 +8,8 @@ SWEEP_KEYS = "IMAGE_CLASSIFY_SWEEP_KEYS"  # the keys a sweep varies, for its job
 
 
 def fast_precision(accelerator: str) -> str:
-    """The recipes' `trainer.precision`: bf16 autocast where the hardware has bf16 (CUDA GPUs that support it; CPUs
-    with AVX-512 or AMX), else full precision (on an AVX2-only CPU bf16 ran 12x slower); fp16 on older CUDA GPUs,
-    32-true on Apple's MPS. The device is the one Lightning's `auto`/`gpu` pick: CUDA, then MPS, then CPU."""
+    """The recipes' `trainer.precision`: bf16 autocast where the hardware has bf16 (CUDA GPUs, CPUs with AVX-512 or
+    AMX), else fp16 on CUDA, full precision elsewhere (bf16 ran 12x slower on an AVX2-only CPU; MPS: 32-true)."""
     import torch  # here, not at the top: configs compose without torch's import time
 
     cuda = torch.cuda.is_available()
