@@ -63,9 +63,9 @@ class AirbenchNet(nn.Module):
         nn.init.zeros_(self.stem.bias)
         self.stem.weight.requires_grad_(not whiten)
         self.whiten = whiten
-        ins = [stem_width, *widths]  # each block's input channels, then the head's
-        self.blocks = nn.Sequential(*(_Block(i, o, bn_momentum, bn_scale) for i, o in zip(ins, widths, strict=False)))
-        self.head = nn.Linear(ins[-1], num_classes, bias=False)
+        ins = [stem_width, *widths[:-1]]  # each block's input channels
+        self.blocks = nn.Sequential(*(_Block(i, o, bn_momentum, bn_scale) for i, o in zip(ins, widths, strict=True)))
+        self.head = nn.Linear(widths[-1], num_classes, bias=False)
         self.logit_scale = logit_scale
 
     @property
