@@ -21,11 +21,11 @@ train: .venv/installed $(FASHION_MNIST)
 	$(PY) -m src.train $(ARGS)
 
 # Fast tier first (in-process, tiny data; what to run while editing), then the slow tier (the commands as a
-# user runs them, sweeps, DDP, signals). One worker per core (pytest-xdist); a module's tests share a worker.
+# user runs them, sweeps, DDP, signals). pyproject.toml runs one worker per core (pytest-xdist), a module per worker.
 test: .venv/installed
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -n auto --dist loadscope -m "not slow"
-	$(PY) -m pytest -n auto --dist loadscope -m slow
+	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m slow
 
 lint: .venv/installed
 	$(PY) -m ruff check src tests
