@@ -60,8 +60,10 @@ def main() -> None:
         times: dict[str, list[float]] = {f"{what} {who}": [] for what in ("whole run", "first step")
                                          for who in ("ours", "bare")}  # fmt: skip
         for i in range(args.runs + 1):  # the first round warms caches (.pyc, decoded images): not counted
-            for who, command in commands(data, Path(tmp) / str(i)).items():
-                whole, first = timed(["-m", *command]), timed(["-c", FIRST_STEP_EXITS, *command])
+            # Each process its own output folder: ours continues a run found in its folder, never starts anew.
+            whole_runs, first_steps = commands(data, Path(tmp) / f"{i}-whole"), commands(data, Path(tmp) / f"{i}-first")
+            for who in whole_runs:
+                whole, first = timed(["-m", *whole_runs[who]]), timed(["-c", FIRST_STEP_EXITS, *first_steps[who]])
                 if i:
                     times[f"whole run {who}"].append(whole)
                     times[f"first step {who}"].append(first)

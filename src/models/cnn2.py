@@ -7,6 +7,15 @@ from src.models.mlp import MLP
 from src.utils.errors import UserError
 
 
+def conv_pool_blocks(in_channels: int, channels: Sequence[int], padding: int) -> list[nn.Module]:
+    """A 3x3 conv + ReLU + 2x2 max-pool block per width: the seeds' CNNs (unpadded here, padded in CNN3)."""
+    layers: list[nn.Module] = []
+    for out_channels in channels:
+        layers += [nn.Conv2d(in_channels, out_channels, 3, padding=padding), nn.ReLU(), nn.MaxPool2d(2)]
+        in_channels = out_channels
+    return layers
+
+
 class CNN2(nn.Module):
     """Unpadded 3x3 conv + ReLU + 2x2 max-pool blocks, then fully connected layers: the Fashion-MNIST seeds' CNNs
     (`hidden=[]`; `hidden=[50]` with `dropout=0.4`), and with channels 6, 16, hidden 120-84 the MNIST seed's LeNet."""
@@ -20,12 +29,7 @@ class CNN2(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        in_channels = input_shape[0]
-        for out_channels in channels:
-            layers += [nn.Conv2d(in_channels, out_channels, 3), nn.ReLU(), nn.MaxPool2d(2)]
-            in_channels = out_channels
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*conv_pool_blocks(input_shape[0], channels, padding=0))
         try:
             with torch.no_grad():
                 feature_shape = self.features(torch.zeros(1, *input_shape)).shape[1:]

@@ -3,6 +3,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from src.models.cnn2 import conv_pool_blocks
+
 
 class CNN3(nn.Module):
     """The CIFAR-10 seed's CNN: padded 3x3 conv + 2x2 max-pool blocks, then dropout and hidden layers (`hidden`)."""
@@ -16,12 +18,7 @@ class CNN3(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        in_channels = input_shape[0]
-        for out_channels in channels:
-            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            in_channels = out_channels
-        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.features = nn.Sequential(*conv_pool_blocks(input_shape[0], channels, padding=1), nn.Flatten())
         with torch.no_grad():
             flat = self.features(torch.zeros(1, *input_shape)).shape[1]
         layers = [nn.Dropout(dropout)]
