@@ -404,6 +404,11 @@ TABLES = [
         "cifar10", RECIPE_HEADER, seed_rows("fast_cifar10", "`fast_cifar10`", CIFAR_DATA, "see below"), together=True
     ),
     Table(
+        "cifar10-gpu",
+        RECIPE_HEADER,
+        [Row("fast_cifar10_gpu", "`fast_cifar10_gpu`", "fast_cifar10_gpu", recipe_cells(CIFAR_DATA, "none (GPU)"))],
+    ),
+    Table(
         "data-paths",
         ["`experiment=fast_fashion_mnist seed=0`", "test accuracy", "wall time"],
         [
