@@ -299,7 +299,9 @@ def recipe_cells(data: str, bar: str) -> Callable[[Measurement, dict], list[str]
     """data, bar, epochs, val accuracy after each epoch, test accuracy, wall time."""
 
     def cells(m: Measurement, _: dict) -> list[str]:
-        val = " ".join(f"{100 * v:.1f}" for v in m.metrics.get("val/acc_per_epoch", []))
+        # TensorBoard's val/acc ends with the final validation of the best checkpoint: one value per epoch only.
+        per_epoch = m.metrics.get("val/acc_per_epoch", [])[: m.metrics["epochs"]]
+        val = " ".join(f"{100 * v:.1f}" for v in per_epoch)
         return [data, bar, str(m.metrics["epochs"]), val, percent(m.metrics["test/acc"]), seconds(m)]
 
     return cells
@@ -528,7 +530,7 @@ def render_region(content: str, table: Table, measured: dict[str, Measurement]) 
         cells = row.cells(m, measured)
         lines.append(table_line([row.label, *cells]))
         load = f"other processes added {m.other_load:.2f} cores" if m.other_load is not None else ""
-        starred = any(cell.endswith("*") for cell in cells)
+        starred = any(cell.endswith("*") and not cell.endswith("**") for cell in cells)  # a busy time, not bold
         new_items.append((m.when, m.machine, row.name, "; ".join(filter(None, [m.note, load])) + "*" * starred))
     renewed = {name for *_, name, _ in new_items}
     kept = []
