@@ -42,11 +42,13 @@ def collect_images(images: str | Path | Sequence[str | Path]) -> list[tuple[Path
         if not item.is_dir():
             paths.append((item, item.parent.name))
             continue
-        found = [(p, p.relative_to(item).parts) for p in item.rglob("*") if p.suffix.lower() in EXTENSIONS]
-        found = [(p, parts) for p, parts in found if not any(x.startswith(".") for x in parts) and p.is_file()]
-        if not (found := sorted((p, parts[0] if len(parts) > 1 else "") for p, parts in found)):
+        before = len(paths)
+        for path in sorted(item.rglob("*")):
+            parts = path.relative_to(item).parts
+            if path.suffix.lower() in EXTENSIONS and not any(x.startswith(".") for x in parts) and path.is_file():
+                paths.append((path, parts[0] if len(parts) > 1 else ""))
+        if len(paths) == before:
             raise UserError(f"no images in folder {item} or below (looked for {', '.join(EXTENSIONS)} files)")
-        paths += found
     if not paths:
         raise UserError("images is empty: give images=[a.png,b.jpg] or images=FOLDER")
     return paths
@@ -172,7 +174,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
     if not isinstance(cfg.figures, bool):
         raise UserError(f"figures must be true or false, got {cfg.figures!r}")
     found = collect_images(cfg.images if isinstance(cfg.images, (str, ListConfig)) else str(cfg.images))
-    paths, labels = [p for p, _ in found], [label for _, label in found]
+    paths = [path for path, _ in found]
     try:
         device = torch.device(str(cfg.device))
     except (RuntimeError, TypeError) as e:
@@ -201,8 +203,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
                 good = [item[1] for item in batch if not isinstance(item, UnreadableImage)]
                 probs = iter(probabilities(torch.stack(good)) if good else [])
                 rows: list[list[object]] = []
-                end = done + len(batch)
-                for path, label, item in zip(paths[done:end], labels[done:end], batch, strict=True):
+                for (path, label), item in zip(found[done : done + len(batch)], batch, strict=True):
                     if isinstance(item, UnreadableImage):
                         print(f"error: {path}: {item}", file=sys.stderr, flush=True)
                         rows.append([path, *[""] * (2 * k + 1), item])
@@ -227,7 +228,7 @@ def predict(cfg: DictConfig, output_dir: Path) -> int:
             message = f"interrupted after {done} of {len(paths)} images; their rows are in {out.name}"
             raise RunInterrupted(message, exit_code(e)) from None
     figures = f", {len(used)} figure{'' if len(used) == 1 else 's'}" if cfg.figures else ""
-    if all(label in class_names for label in labels) and done > failed:
+    if all(label in class_names for _, label in found) and done > failed:
         accuracy = {"accuracy": correct / (done - failed), "correct": correct, "images": done - failed}
         write_atomically(output_dir / "accuracy.json", json.dumps(accuracy, indent=2) + "\n")
         print(f"accuracy {accuracy['accuracy']:.4f}: {correct} of {done - failed} images in their class's folder")
