@@ -43,8 +43,9 @@ class StopOnNonFiniteLoss(L.Callback):
             if len(bad := (~torch.isfinite(torch.stack(losses))).nonzero()):
                 first = indices[int(bad[0])]
         self.losses.clear()
-        if trainer.strategy.reduce_boolean_decision(first != NONE_BAD, all=False):
-            first = int(trainer.strategy.all_gather(torch.tensor(first, device=trainer.strategy.root_device)).min())
+        # The earliest bad batch of any process, read by all: every process stops, or none.
+        first = int(trainer.strategy.reduce(torch.tensor(first, device=trainer.strategy.root_device), reduce_op="min"))
+        if first != NONE_BAD:
             lower = f" (now {self.lr:g})" if self.lr is not None else ""
             tips = f"a lower optimizer.lr{lower}, gradient clipping (trainer.gradient_clip_val=1.0) or a warm-up"
             where = f"epoch {trainer.current_epoch}, batch {first}"
