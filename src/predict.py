@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from src.data.common import DataError
@@ -75,20 +75,26 @@ def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -
 
 
 def save_figure(image: Image.Image, probs: Sequence[float], class_names: Sequence[str], title: str, path: Path) -> None:
-    """The image as the model sees it beside every class probability; a bare Figure: no pyplot state to leak."""
-    from matplotlib.figure import Figure
-
-    n, best = len(class_names), max(range(len(class_names)), key=lambda i: probs[i])
-    fig = Figure(figsize=(9, max(3.0, 0.3 * n + 1)))
-    ax_image, ax_bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
-    ax_image.imshow(image, cmap="gray" if image.mode == "L" else None, vmin=0, vmax=255)
-    ax_image.set_title(f"{title}\n{image.width}x{image.height} {image.mode}", fontsize=9)
-    ax_image.axis("off")
-    ax_bars.barh(range(n), probs, color=["tab:orange" if i == best else "tab:blue" for i in range(n)])
-    ax_bars.set(yticks=range(n), yticklabels=list(class_names), xlim=(0, 1.1), title="Class probability")
-    ax_bars.invert_yaxis()  # first class on top
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """The image as the model sees it (scaled up, pixels kept sharp) beside a bar per class probability, the most
+    likely in orange; drawn with PIL: milliseconds an image, where matplotlib took a quarter of a second."""
+    font, row, side = ImageFont.load_default(size=12), 22, 256
+    label_width = max(font.getbbox(str(name))[2] for name in class_names) + 8
+    height = max(side + 48, 30 + row * len(class_names))
+    figure = Image.new("RGB", (side + 60 + label_width + 330, height), "white")
+    draw, best = ImageDraw.Draw(figure), max(range(len(probs)), key=lambda i: probs[i])
+    draw.multiline_text((10 + side // 2, 4), f"{title}\n{image.width}x{image.height} {image.mode}", "black", font,
+                        anchor="ma", align="center")  # fmt: skip
+    scale = side / max(image.width, image.height)
+    shown = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    figure.paste(shown, (10, 40))
+    left = side + 40 + label_width  # the bars' zero
+    draw.text((left + 150, 4), "Class probability", "black", font, anchor="ma")
+    for i, (name, p) in enumerate(zip(class_names, probs, strict=True)):
+        y = 26 + row * i
+        draw.text((left - 6, y + row // 2), str(name), "black", font, anchor="rm")
+        draw.rectangle((left, y + 3, left + round(280 * p), y + row - 3), "#ff7f0e" if i == best else "#1f77b4")
+        draw.text((left + round(280 * p) + 4, y + row // 2), f"{p:.1%}", "black", font, anchor="lm")
+    figure.save(path)
 
 
 Model = tuple[list[str], list[int], list[float], list[float], Callable[[torch.Tensor], torch.Tensor]]

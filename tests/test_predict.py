@@ -362,7 +362,7 @@ def test_a_stopped_run_keeps_the_rows_it_finished(checkpoint: Path, tmp_path: Pa
     images = [write_image(folder / f"img{i:03d}.png", "L", (28, 28), i) for i in range(200)]
     out = tmp_path / "out"
     command = [sys.executable, "-m", "src.predict", f"ckpt_path={checkpoint}", f"images={folder}"]
-    command += ["batch_size=2", f"hydra.run.dir={out}"]  # figures=true: ~0.1 s an image, a long run
+    command += ["batch_size=2", f"hydra.run.dir={out}"]  # figures=true: ~10 ms an image, seconds in all
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
