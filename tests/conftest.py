@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import DictConfig, open_dict, read_write
 from PIL import Image
 
@@ -31,9 +30,9 @@ if str(REPO_ROOT) not in sys.path:  # `import src...` also when pytest is starte
 
 # The tests' models and batches are tiny: with torch's default of one thread per core, every op waits for its
 # other threads, and on a small CPU shared with other jobs those waits dominate (a 1-epoch run measured 3x
-# slower). One thread, for this process and (inherited) every command it starts, unless set already.
+# slower). One thread, for this process and (inherited) every command it starts, unless set already. Set before
+# torch is imported (by the test modules, not here: xdist's controller process never needs torch), which reads it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",

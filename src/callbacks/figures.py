@@ -2,13 +2,16 @@
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def save_figure(figure: Any, trainer: L.Trainer, output_dir: Path, name: str) -> None:
@@ -59,7 +62,8 @@ def _norm(pl_module: L.LightningModule) -> dict[str, Sequence[float]]:
 
 
 class PredictionFigures(L.Callback):
-    """The first `num_images` test predictions, "predicted (true)" in green or red, and the most confident mistakes."""
+    """The first `num_images` test predictions, "predicted (true)" in green or red, the most confident mistakes, and
+    ClassifierModule's `test_result` as a confusion matrix and a reliability diagram."""
 
     def __init__(self, output_dir: str, num_images: int = 20) -> None:
         self.output_dir = Path(output_dir)
@@ -105,6 +109,11 @@ class PredictionFigures(L.Callback):
             titles = [f"{names[p]} {c:.0%}\n({names[t]})" for p, c, t in zip(pred, conf, true, strict=True)]
             fig = image_grid(images, titles, ["red"] * len(images), **_norm(pl_module))
             save_figure(fig, trainer, self.output_dir, "worst_misclassified")
+        if (result := getattr(pl_module, "test_result", None)) is not None:
+            save_figure(confusion_figure(result.confusion_matrix, names), trainer, self.output_dir, "confusion_matrix")
+            ece = trainer.callback_metrics.get("test/ece")
+            fig = reliability_diagram(result.reliability, None if ece is None else float(ece))
+            save_figure(fig, trainer, self.output_dir, "reliability_diagram")
 
 
 class TrainBatchFigure(L.Callback):
@@ -136,3 +145,35 @@ class TrainBatchFigure(L.Callback):
         self.first_batch = None
         titles = [pl_module.hparams.class_names[int(label)] for label in y]
         save_figure(image_grid(x, titles, **_norm(pl_module)), trainer, self.output_dir, "train_batch")
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> "Figure":
+    from matplotlib.figure import Figure
+
+    n, most = len(names), max(max(row) for row in matrix)
+    fig = Figure(figsize=(max(6, 0.6 * n), max(6, 0.6 * n)))
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, most))
+    for (i, j), count in np.ndenumerate(np.asarray(matrix)):
+        ax.text(j, i, count, ha="center", va="center", color="white" if count > most / 2 else "black", fontsize=8)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class", title="Confusion matrix")
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    return fig
+
+
+def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> "Figure":
+    """Accuracy against confidence per bin (shade: how many images); a calibrated model's bars reach the diagonal."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
+    total, width = max(1, sum(n for _, _, n in bins)), 1 / len(bins)
+    for i, (_, accuracy, count) in enumerate(bins):
+        shade = 0.3 + 0.7 * count / total
+        ax.bar((i + 0.5) * width, accuracy, width=width, color="tab:blue", alpha=shade, edgecolor="k")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy")
+    ax.set_title("Reliability diagram" + (f" (ECE {ece:.4f}, {len(bins)} bins)" if ece is not None else ""))
+    ax.legend(loc="upper left")
+    return fig

@@ -1,23 +1,19 @@
-"""What a tested run writes for people: metrics.json, its figures and TensorBoard's HPARAMS tab (`report_run`)."""
+"""What a tested run writes for people: metrics.json and TensorBoard's HPARAMS tab (`report_run`); its figures are
+drawn by src/callbacks/figures.py when testing ends."""
 
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
-import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from omegaconf import OmegaConf
 
-from src.callbacks.figures import save_figure
 from src.models.classifier import ClassifierModule
 from src.utils.io import write_atomically
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 SUMMARY_KEYS = tuple(
     "lr_find/suggestion val/acc_untrained val/loss val/acc test/loss test/acc test/acc_top5 test/ece_uncalibrated "
@@ -100,47 +96,11 @@ def report_run(
         return metrics
     output_dir = Path(output_dir)
     write_atomically(output_dir / "metrics.json", json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
-    figure = confusion_figure(result.confusion_matrix, metrics["class_names"])
-    save_figure(figure, trainer, output_dir, "confusion_matrix")
-    figure = reliability_diagram(result.reliability, metrics.get("test/ece"))
-    save_figure(figure, trainer, output_dir, "reliability_diagram")
     for logger in trainer.loggers:
         if untrained_acc is not None:
             logger.log_metrics({"val/acc_untrained": untrained_acc}, step=0)
         _log_hparams(logger, module, metrics, overrides)
     return metrics
-
-
-def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> "Figure":
-    from matplotlib.figure import Figure
-
-    n, most = len(names), max(max(row) for row in matrix)
-    fig = Figure(figsize=(max(6, 0.6 * n), max(6, 0.6 * n)))
-    ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, most))
-    for (i, j), count in np.ndenumerate(np.asarray(matrix)):
-        ax.text(j, i, count, ha="center", va="center", color="white" if count > most / 2 else "black", fontsize=8)
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class", title="Confusion matrix")
-    ax.set_xticklabels(names, rotation=45, ha="right")
-    ax.set_yticklabels(names)
-    return fig
-
-
-def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | None) -> "Figure":
-    """Accuracy against confidence per bin (shade: how many images); a calibrated model's bars reach the diagonal."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 5))
-    ax = fig.subplots()
-    total, width = max(1, sum(n for _, _, n in bins)), 1 / len(bins)
-    for i, (_, accuracy, count) in enumerate(bins):
-        shade = 0.3 + 0.7 * count / total
-        ax.bar((i + 0.5) * width, accuracy, width=width, color="tab:blue", alpha=shade, edgecolor="k")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class probability)", ylabel="accuracy")
-    ax.set_title("Reliability diagram" + (f" (ECE {ece:.4f}, {len(bins)} bins)" if ece is not None else ""))
-    ax.legend(loc="upper left")
-    return fig
 
 
 def _log_hparams(logger: Logger, module: ClassifierModule, metrics: dict[str, Any], overrides: Sequence[str]) -> None:
