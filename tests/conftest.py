@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -33,6 +34,10 @@ if str(REPO_ROOT) not in sys.path:  # `import src...` also when pytest is starte
 # slower). One thread, for this process and (inherited) every command it starts, unless set already. Set before
 # torch is imported (by the test modules, not here: xdist's controller process never needs torch), which reads it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Started in the background by a script (`make test &`), pytest inherits SIGINT ignored, and so would every command
+# it starts: Ctrl-C is delivered as in a terminal (a handler, unlike "ignored", is reset to the default by exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",
