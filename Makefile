@@ -20,12 +20,12 @@ $(FASHION_MNIST): | .venv/installed
 train: .venv/installed $(FASHION_MNIST)
 	$(PY) -m src.train $(ARGS)
 
-# Fast tier first (in-process, tiny data; what to run while editing), then the slow tier (the commands as a
-# user runs them, sweeps, DDP, signals). pyproject.toml runs one worker per core (pytest-xdist), a module per worker.
+# Both tiers in one pytest session (one start-up; fast modules fill the cores while slow ones wait on commands):
+# the fast tier is in-process on tiny data (alone: pytest -m "not slow", what to run while editing), the slow tier
+# runs the commands as a user does (sweeps, DDP, signals). pyproject.toml: one worker per core, a module per worker.
 test: .venv/installed
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -m "not slow"
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest
 
 lint: .venv/installed
 	$(PY) -m ruff check src tests
