@@ -270,6 +270,7 @@ JOBS = {
             ("mnist",),
             reads_metrics=False,
         ),  # fmt: skip
+        Job("tests", ["python", "-m", "benchmarks.test_time"], reads_metrics=False),
     ]
 }
 
@@ -479,6 +480,36 @@ TABLES = [
                 printed(r"^first step ours/bare = ([\d.]+)"),
             ),  # fmt: skip
         ],
+    ),
+    Table(
+        "tests",
+        ["`python -m benchmarks.test_time` (fresh clones of 79e3838 and this commit, side by side)", "figure"],
+        [
+            Row(
+                "tests-make",
+                "`make test`, ours / 79e3838 (target <= 0.5)",
+                "tests",
+                printed(r"^make test ours/baseline = ([\d.]+)"),
+            ),
+            Row(
+                "tests-make-s",
+                "`make test`: venv, install, lint, both tiers (target <= 10 min)",
+                "tests",
+                printed(r"^make test = (\d+ s)$"),
+            ),
+            Row(
+                "tests-fast",
+                'fast tier `pytest -m "not slow"`, ours / 79e3838, median of 3 (target <= 0.5)',
+                "tests",
+                printed(r"^fast tier ours/baseline = ([\d.]+)"),
+            ),
+            Row(
+                "tests-fast-s",
+                "fast tier, median of 3 (target <= 30 s with AVX-512, 60 s AVX2-only)",
+                "tests",
+                printed(r"^fast tier = ([\d.]+ s)$"),
+            ),
+        ],  # fmt: skip
     ),
 ]
 
