@@ -31,7 +31,7 @@ def timed(command: list[str], clone: Path) -> float:
     """Wall seconds of `command` in `clone`; a failure stops the benchmark with its output."""
     start = time.perf_counter()
     result = subprocess.run(
-        command, cwd=clone, capture_output=True, text=True,
+        command, cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     if result.returncode != 0:

@@ -4,6 +4,7 @@ trusted ones). predictions.csv is streamed a batch at a time, so a stopped or ki
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
+from src.callbacks.figures import font
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
 from src.runs.checkpoints import format_of, open_exported, open_run
@@ -77,23 +79,25 @@ def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -
 def save_figure(image: Image.Image, probs: Sequence[float], class_names: Sequence[str], title: str, path: Path) -> None:
     """The image as the model sees it (scaled up, pixels kept sharp) beside a bar per class probability, the most
     likely in orange; drawn with PIL: milliseconds an image, where matplotlib took a quarter of a second."""
-    font, row, side = ImageFont.load_default(size=12), 22, 256
-    label_width = max(font.getbbox(str(name))[2] for name in class_names) + 8
+    row, side, text = 22, 256, font(12)
+    label_width = max(text.getbbox(str(name))[2] for name in class_names) + 8
+    title = title if len(title) <= 40 else title[:18] + "..." + title[-19:]  # a long file name stays above its image
     height = max(side + 48, 30 + row * len(class_names))
     figure = Image.new("RGB", (side + 60 + label_width + 330, height), "white")
     draw, best = ImageDraw.Draw(figure), max(range(len(probs)), key=lambda i: probs[i])
-    draw.multiline_text((10 + side // 2, 4), f"{title}\n{image.width}x{image.height} {image.mode}", "black", font,
+    draw.multiline_text((10 + side // 2, 4), f"{title}\n{image.width}x{image.height} {image.mode}", "black", text,
                         anchor="ma", align="center")  # fmt: skip
     scale = side / max(image.width, image.height)
     shown = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
     figure.paste(shown, (10, 40))
     left = side + 40 + label_width  # the bars' zero
-    draw.text((left + 150, 4), "Class probability", "black", font, anchor="ma")
+    draw.text((left + 150, 4), "Class probability", "black", text, anchor="ma")
     for i, (name, p) in enumerate(zip(class_names, probs, strict=True)):
         y = 26 + row * i
-        draw.text((left - 6, y + row // 2), str(name), "black", font, anchor="rm")
-        draw.rectangle((left, y + 3, left + round(280 * p), y + row - 3), "#ff7f0e" if i == best else "#1f77b4")
-        draw.text((left + round(280 * p) + 4, y + row // 2), f"{p:.1%}", "black", font, anchor="lm")
+        width = round(280 * p) if math.isfinite(p) else 0  # a diverged model's NaN: no bar, "nan%"
+        draw.text((left - 6, y + row // 2), str(name), "black", text, anchor="rm")
+        draw.rectangle((left, y + 3, left + width, y + row - 3), "#ff7f0e" if i == best else "#1f77b4")
+        draw.text((left + width + 4, y + row // 2), f"{p:.1%}", "black", text, anchor="lm")
     figure.save(path)
 
 

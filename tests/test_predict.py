@@ -455,7 +455,8 @@ def test_unusable_exported_file_is_one_line(tmp_path: Path, case: str, expected:
     if case == "no_metadata":  # a valid ONNX model (images -> logits), not written by src.export
         io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 10]) for n in ("images", "logits")]
         graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "g", io[:1], io[1:])
-        save(helper.make_model(graph), path)
+        # versions any onnxruntime reads (make_model would take the newest onnx knows)
+        save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)]), path)
     elif case != "missing":
         path.write_bytes(b"definitely not a model")
     image = write_image(tmp_path / "x.png", "L", (28, 28), 0)

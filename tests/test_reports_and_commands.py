@@ -222,3 +222,23 @@ def test_resume_true_finds_the_last_checkpoint_of_the_matching_run(compose_cfg, 
     with caplog.at_level("INFO"):
         train(compose_cfg([*common, "resume=true"], tmp_path / "runs" / "again"))
     assert f"resuming from {first / 'checkpoints' / 'last.ckpt'}" in caplog.text
+
+
+@pytest.mark.parametrize("n", [2, 100])
+def test_figures_draw_any_class_count_accented_names_empty_counts_and_nan_probabilities(tmp_path, n):
+    """The PIL figures for 2 or 100 classes, names PIL's built-in font draws as boxes (DejaVu Sans has them), an
+    all-zero confusion matrix, no ECE, empty bins and a diverged model's NaN probabilities: a picture each, tall
+    enough for a row per class."""
+    from src.callbacks.figures import confusion_figure, font, reliability_diagram
+    from src.predict import save_figure
+
+    assert Path(font(12).path).name == "DejaVuSans.ttf"
+    names = ["café", "Жук", *(f"class {i}" for i in range(n - 2))]
+    matrix = confusion_figure([[0] * n for _ in range(n)], names)
+    assert matrix.width >= 16 * n and matrix.height >= 16 * n
+    bins = [((i + 0.5) / 15, 1.0 if i == 14 else 0.0, 30 if i == 14 else 0) for i in range(15)]
+    assert reliability_diagram(bins, None).size == reliability_diagram(bins, 0.01).size
+    title = "a-very-long-file-name-" * 4 + ".png"
+    save_figure(Image.new("L", (1, 300)), [float("nan")] * n, names, title, tmp_path / "f.png")
+    with Image.open(tmp_path / "f.png") as figure:
+        assert figure.height >= 22 * n

@@ -1,6 +1,8 @@
 """A run's figures (PNG files and TensorBoard images), drawn with PIL: milliseconds, where matplotlib takes a tenth
 of a second each (only the LR finder's curve is matplotlib's: Lightning draws it)."""
 
+import functools
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,17 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
+
+
+@functools.cache
+def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans from matplotlib's files (found without importing it): it has accented, Cyrillic and Greek letters,
+    which PIL's built-in font draws as boxes; the built-in one where matplotlib is missing."""
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (path := Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf").is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size=size)
 
 
 def save_figure(figure: Any, trainer: L.Trainer, output_dir: Path, name: str) -> None:
@@ -42,7 +55,7 @@ def image_grid(
     pixels = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     pixels = pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels  # gray: (N, H, W), as PIL takes it
     height = cell * pixels.shape[1] // pixels.shape[2]
-    font = ImageFont.load_default(size=11)
+    small = font(11)
     text_height = 14 * max(1, max(t.count("\n") + 1 for t in titles))
     rows = max(1, -(-len(pixels) // columns))
     grid = Image.new("RGB", (columns * (cell + 4), rows * (height + text_height + 4)), "white")
@@ -50,7 +63,7 @@ def image_grid(
     for i, (array, title) in enumerate(zip(pixels, titles, strict=True)):
         x, y = (i % columns) * (cell + 4) + 2, (i // columns) * (height + text_height + 4) + 2
         grid.paste(Image.fromarray(array).resize((cell, height), Image.NEAREST), (x, y))
-        draw.multiline_text((x + cell // 2, y + height + 1), title, fill=colors[i] if colors else "black", font=font,
+        draw.multiline_text((x + cell // 2, y + height + 1), title, fill=colors[i] if colors else "black", font=small,
                             anchor="ma", align="center")  # fmt: skip
     return grid
 
@@ -146,16 +159,15 @@ class TrainBatchFigure(L.Callback):
 
 
 def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, anchor: str = "mm", **kw: Any) -> None:
-    draw.text(xy, text, fill=kw.pop("fill", "black"), font=ImageFont.load_default(size=kw.pop("size", 12)),
+    draw.text(xy, text, fill=kw.pop("fill", "black"), font=font(kw.pop("size", 12)),
               anchor=anchor, **kw)  # fmt: skip
 
 
 def _turned(text: str, angle: float, size: int = 12) -> Image.Image:
     """`text` in black on a transparent image turned by `angle` degrees (rotated axis labels)."""
-    font = ImageFont.load_default(size=size)
-    left, top, right, bottom = font.getbbox(text)
+    left, top, right, bottom = font(size).getbbox(text)
     image = Image.new("LA", (right - left + 2, bottom - top + 2), (0, 0))
-    ImageDraw.Draw(image).text((1 - left, 1 - top), text, fill=(0, 255), font=font)
+    ImageDraw.Draw(image).text((1 - left, 1 - top), text, fill=(0, 255), font=font(size))
     return image.rotate(angle, expand=True, resample=Image.BICUBIC)
 
 
@@ -164,7 +176,7 @@ def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> I
     n, most = len(names), max(1, max(max(row) for row in matrix))
     cell = max(16, min(44, 560 // n))
     labels = [_turned(str(name), 45) for name in names]
-    left = max(ImageFont.load_default(size=12).getbbox(str(name))[2] for name in names) + 40
+    left = max(font(12).getbbox(str(name))[2] for name in names) + 40
     top, below = 36, max(label.height for label in labels) + 30
     figure = Image.new("RGB", (left + n * cell + 20, top + n * cell + below), "white")
     draw = ImageDraw.Draw(figure)
@@ -175,7 +187,8 @@ def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> I
             color = tuple(round(a + (b - a) * level) for a, b in zip((247, 251, 255), (8, 48, 107), strict=True))
             x, y = left + j * cell, top + i * cell
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=color)
-            _text(draw, (x + cell / 2, y + cell / 2), str(count), fill="white" if level > 0.5 else "black", size=10)
+            shade = "white" if level > 0.5 else "black"
+            _text(draw, (x + cell / 2, y + cell / 2), str(count), fill=shade, size=min(10, cell // 3))
         _text(draw, (left - 6, top + i * cell + cell / 2), str(names[i]), anchor="rm")
     for j, label in enumerate(labels):  # each name's top right corner under its column's centre
         figure.paste(label, (left + j * cell + cell // 2 - label.width, top + n * cell + 4), label)
