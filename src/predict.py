@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
-from src.callbacks.figures import font
+from src.callbacks.figures import BLUE, ORANGE, draw_text, font
 from src.data.common import DataError
 from src.data.image_folder import EXTENSIONS, open_image
 from src.runs.checkpoints import format_of, open_exported, open_run
@@ -79,25 +79,22 @@ def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -
 def save_figure(image: Image.Image, probs: Sequence[float], class_names: Sequence[str], title: str, path: Path) -> None:
     """The image as the model sees it (scaled up, pixels kept sharp) beside a bar per class probability, the most
     likely in orange; drawn with PIL: milliseconds an image, where matplotlib took a quarter of a second."""
-    row, side, text = 22, 256, font(12)
-    label_width = max(text.getbbox(str(name))[2] for name in class_names) + 8
+    row, side = 22, 256
+    label_width = max(font(12).getbbox(str(name))[2] for name in class_names) + 8
     title = title if len(title) <= 40 else title[:18] + "..." + title[-19:]  # a long file name stays above its image
-    height = max(side + 48, 30 + row * len(class_names))
-    figure = Image.new("RGB", (side + 60 + label_width + 330, height), "white")
+    figure = Image.new("RGB", (side + 60 + label_width + 330, max(side + 48, 30 + row * len(class_names))), "white")
     draw, best = ImageDraw.Draw(figure), max(range(len(probs)), key=lambda i: probs[i])
-    draw.multiline_text((10 + side // 2, 4), f"{title}\n{image.width}x{image.height} {image.mode}", "black", text,
-                        anchor="ma", align="center")  # fmt: skip
+    draw_text(draw, (10 + side // 2, 4), f"{title}\n{image.width}x{image.height} {image.mode}", anchor="ma")
     scale = side / max(image.width, image.height)
     shown = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
     figure.paste(shown, (10, 40))
     left = side + 40 + label_width  # the bars' zero
-    draw.text((left + 150, 4), "Class probability", "black", text, anchor="ma")
+    draw_text(draw, (left + 150, 4), "Class probability", anchor="ma")
     for i, (name, p) in enumerate(zip(class_names, probs, strict=True)):
-        y = 26 + row * i
-        width = round(280 * p) if math.isfinite(p) else 0  # a diverged model's NaN: no bar, "nan%"
-        draw.text((left - 6, y + row // 2), str(name), "black", text, anchor="rm")
-        draw.rectangle((left, y + 3, left + width, y + row - 3), "#ff7f0e" if i == best else "#1f77b4")
-        draw.text((left + width + 4, y + row // 2), f"{p:.1%}", "black", text, anchor="lm")
+        y, width = 26 + row * i, round(280 * p) if math.isfinite(p) else 0  # a diverged model's NaN: no bar
+        draw_text(draw, (left - 6, y + row // 2), str(name), anchor="rm")
+        draw.rectangle((left, y + 3, left + width, y + row - 3), ORANGE if i == best else BLUE)
+        draw_text(draw, (left + width + 4, y + row // 2), f"{p:.1%}", anchor="lm")
     figure.save(path)
 
 

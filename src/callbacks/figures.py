@@ -13,16 +13,27 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw, ImageFont
 
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's tab:blue and tab:orange
+
 
 @functools.cache
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans from matplotlib's files (found without importing it): it has accented, Cyrillic and Greek letters,
     which PIL's built-in font draws as boxes; the built-in one where matplotlib is missing."""
     spec = importlib.util.find_spec("matplotlib")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (path := Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf").is_file():
-            return ImageFont.truetype(str(path), size)
-    return ImageFont.load_default(size=size)
+    path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf" if spec and spec.origin else None
+    return ImageFont.truetype(str(path), size) if path and path.is_file() else ImageFont.load_default(size=size)
+
+
+def draw_text(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    text: str,
+    anchor: str = "mm",
+    fill: Any = "black",
+    size: int = 12,
+) -> None:
+    draw.multiline_text(xy, text, fill=fill, font=font(size), anchor=anchor, align="center")
 
 
 def save_figure(figure: Any, trainer: L.Trainer, output_dir: Path, name: str) -> None:
@@ -55,7 +66,6 @@ def image_grid(
     pixels = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     pixels = pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels  # gray: (N, H, W), as PIL takes it
     height = cell * pixels.shape[1] // pixels.shape[2]
-    small = font(11)
     text_height = 14 * max(1, max(t.count("\n") + 1 for t in titles))
     rows = max(1, -(-len(pixels) // columns))
     grid = Image.new("RGB", (columns * (cell + 4), rows * (height + text_height + 4)), "white")
@@ -63,8 +73,7 @@ def image_grid(
     for i, (array, title) in enumerate(zip(pixels, titles, strict=True)):
         x, y = (i % columns) * (cell + 4) + 2, (i // columns) * (height + text_height + 4) + 2
         grid.paste(Image.fromarray(array).resize((cell, height), Image.NEAREST), (x, y))
-        draw.multiline_text((x + cell // 2, y + height + 1), title, fill=colors[i] if colors else "black", font=small,
-                            anchor="ma", align="center")  # fmt: skip
+        draw_text(draw, (x + cell // 2, y + height + 1), title, "ma", colors[i] if colors else "black", size=11)
     return grid
 
 
@@ -158,11 +167,6 @@ class TrainBatchFigure(L.Callback):
         save_figure(image_grid(x, titles, **_norm(pl_module)), trainer, self.output_dir, "train_batch")
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, anchor: str = "mm", **kw: Any) -> None:
-    draw.text(xy, text, fill=kw.pop("fill", "black"), font=font(kw.pop("size", 12)),
-              anchor=anchor, **kw)  # fmt: skip
-
-
 def _turned(text: str, angle: float, size: int = 12) -> Image.Image:
     """`text` in black on a transparent image turned by `angle` degrees (rotated axis labels)."""
     left, top, right, bottom = font(size).getbbox(text)
@@ -180,7 +184,7 @@ def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> I
     top, below = 36, max(label.height for label in labels) + 30
     figure = Image.new("RGB", (left + n * cell + 20, top + n * cell + below), "white")
     draw = ImageDraw.Draw(figure)
-    _text(draw, (left + n * cell / 2, 16), "Confusion matrix", size=14)
+    draw_text(draw, (left + n * cell / 2, 16), "Confusion matrix", size=14)
     for i, row in enumerate(matrix):
         for j, count in enumerate(row):
             level = count / most  # matplotlib's "Blues" from white (0) to dark blue (most)
@@ -188,11 +192,11 @@ def confusion_figure(matrix: Sequence[Sequence[int]], names: Sequence[str]) -> I
             x, y = left + j * cell, top + i * cell
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=color)
             shade = "white" if level > 0.5 else "black"
-            _text(draw, (x + cell / 2, y + cell / 2), str(count), fill=shade, size=min(10, cell // 3))
-        _text(draw, (left - 6, top + i * cell + cell / 2), str(names[i]), anchor="rm")
+            draw_text(draw, (x + cell / 2, y + cell / 2), str(count), fill=shade, size=min(10, cell // 3))
+        draw_text(draw, (left - 6, top + i * cell + cell / 2), str(names[i]), anchor="rm")
     for j, label in enumerate(labels):  # each name's top right corner under its column's centre
         figure.paste(label, (left + j * cell + cell // 2 - label.width, top + n * cell + 4), label)
-    _text(draw, (left + n * cell / 2, figure.height - 12), "predicted class")
+    draw_text(draw, (left + n * cell / 2, figure.height - 12), "predicted class")
     axis = _turned("true class", 90)
     figure.paste(axis, (4, top + (n * cell - axis.height) // 2), axis)
     return figure
@@ -204,11 +208,11 @@ def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | N
     figure = Image.new("RGB", (left + side + 20, top + side + 50), "white")
     draw = ImageDraw.Draw(figure)
     title = "Reliability diagram" + (f" (ECE {ece:.4f}, {len(bins)} bins)" if ece is not None else "")
-    _text(draw, (left + side / 2, 18), title, size=13)
+    draw_text(draw, (left + side / 2, 18), title, size=13)
     total, width = max(1, sum(n for _, _, n in bins)), side / len(bins)
     for i, (_, accuracy, count) in enumerate(bins):
         shade = 0.3 + 0.7 * count / total  # tab:blue over white, more opaque with more images
-        color = tuple(round(255 + (c - 255) * shade) for c in (31, 119, 180))
+        color = tuple(round(255 + (c - 255) * shade) for c in BLUE)
         x = left + i * width
         draw.rectangle((x, top + side * (1 - accuracy), x + width, top + side), fill=color, outline="black")
     for k in range(0, 20, 2):  # the diagonal, dashed: perfect calibration
@@ -216,11 +220,11 @@ def reliability_diagram(bins: Sequence[tuple[float, float, int]], ece: float | N
         draw.line((left + side * a, top + side * (1 - a), left + side * b, top + side * (1 - b)), "gray", 2)
     draw.rectangle((left, top, left + side, top + side), outline="black")
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        _text(draw, (left + side * v, top + side + 12), f"{v:g}")
-        _text(draw, (left - 6, top + side * (1 - v)), f"{v:g}", anchor="rm")
-    _text(draw, (left + side / 2, top + side + 34), "confidence (top class probability)")
+        draw_text(draw, (left + side * v, top + side + 12), f"{v:g}")
+        draw_text(draw, (left - 6, top + side * (1 - v)), f"{v:g}", anchor="rm")
+    draw_text(draw, (left + side / 2, top + side + 34), "confidence (top class probability)")
     axis = _turned("accuracy", 90)
     figure.paste(axis, (6, top + (side - axis.height) // 2), axis)
     draw.line((left + 10, top + 14, left + 34, top + 14), "gray", 2)
-    _text(draw, (left + 40, top + 14), "perfect calibration (dashed)", anchor="lm")
+    draw_text(draw, (left + 40, top + 14), "perfect calibration (dashed)", anchor="lm")
     return figure
