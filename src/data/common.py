@@ -52,9 +52,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         seed: int = 42,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
-        hflip: bool = False,
+        hflip: bool | str = False,
         rotation: float = 0.0,
         crop_padding: int = 0,
+        crop_padding_mode: str = "constant",
         in_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
@@ -62,6 +63,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"dataset.in_memory must be true, false or auto, got {in_memory!r}")
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"dataset.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+        if hflip not in (True, False, "alternate"):
+            raise DataError(f"dataset.hflip must be true, false or alternate, got {hflip!r}")
+        if crop_padding_mode not in ("constant", "reflect"):
+            raise DataError(f"dataset.crop_padding_mode must be constant or reflect, got {crop_padding_mode!r}")
         if batch_size < 1:
             raise DataError(f"dataset.batch_size must be at least 1, got {batch_size}")
         if (folds, fold) != (None, None) and (folds is None or folds < 2):
@@ -71,7 +76,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.data_dir, self.batch_size, self.num_workers = Path(data_dir).expanduser(), batch_size, num_workers
         self.val_fraction, self.folds, self.fold, self.seed = val_fraction, folds, fold, seed
         self.mean, self.std, self.in_memory = tuple(mean), tuple(std), in_memory
-        self.hflip, self.rotation, self.crop_padding = hflip, rotation, crop_padding
+        self.hflip, self.rotation, self.crop_padding, self.crop_padding_mode = (
+            hflip,
+            rotation,
+            crop_padding,
+            crop_padding_mode,
+        )
         self.path: DataPath | None = None  # chosen once, by setup()
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)
@@ -152,6 +162,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if self.path is None:
             memory = self.in_memory is True or (self.in_memory == "auto" and InMemoryPath.fits(self.decoded_bytes()))
             self.path = InMemoryPath(self) if memory else PerSamplePath(self)
+            if self.hflip == "alternate" and not memory:
+                raise DataError("dataset.hflip=alternate needs the in-memory path: set dataset.in_memory=true")
         if self.train_set is None:
             source, labels, self.class_names = self.path.read(train=True)
             self.check_labels(labels, train=True)

@@ -21,10 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class TensorImages(Dataset):
-    """One split: `indices` into shared uint8 images (N, C, H, W) and labels; `__getitems__` gathers a batch."""
+    """One split: `indices` into shared uint8 images (N, C, H, W) and labels; `__getitems__` gathers a batch.
+    `mirrored` (one bool per image): airbench's alternating flip, those images mirrored in even epochs, the others
+    in odd ones, so each image is seen both ways in any two epochs (`epoch`, set by TensorBatches)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] | None = None) -> None:
-        self.images, self.labels = images, labels
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Sequence[int] | None = None,
+        mirrored: torch.Tensor | None = None,
+    ) -> None:
+        self.images, self.labels, self.mirrored, self.epoch = images, labels, mirrored, 0
         self.indices = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -35,7 +43,10 @@ class TensorImages(Dataset):
 
     def __getitems__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.indices[positions]
-        return self.images[j], self.labels[j]
+        if self.mirrored is None:
+            return self.images[j], self.labels[j]
+        flip = (self.mirrored[j] ^ bool(self.epoch % 2)).view(-1, 1, 1, 1)
+        return torch.where(flip, self.images[j].flip(3), self.images[j]), self.labels[j]
 
 
 class TensorBatches:
@@ -50,6 +61,7 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Drawn at the first batch, after Lightning has set the sampler's epoch (a resumed run calls iter() before).
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.source.images.device)
+        self.source.epoch = getattr(self.sampler, "epoch", 0)
         yield from map(self.source.__getitems__, order.split(self.batch_size))
 
     def __len__(self) -> int:
@@ -93,10 +105,11 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62
 
 
-def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Each image shifted by its own offset in [-padding, padding] per axis, zero-filled (RandomCrop); channels-last."""
+def random_crop(images: torch.Tensor, padding: int, mode: str = "constant") -> torch.Tensor:
+    """Each image shifted by its own offset in [-padding, padding] per axis, the border zero-filled or mirrored
+    (RandomCrop's padding_mode "constant" or "reflect"); channels-last."""
     (b, _, h, w), device = images.shape, images.device
-    padded = F.pad(images, (padding,) * 4).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+    padded = F.pad(images, (padding,) * 4, mode=mode).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
     top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
     left = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
     rows = torch.arange(h, device=device).view(1, h, 1) + top
@@ -130,14 +143,20 @@ class BatchAugment:
         crop_padding: int = 0,
         hflip: bool = False,
         rotation: float = 0.0,
+        crop_padding_mode: str = "constant",
     ) -> None:
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
-        self.crop_padding, self.hflip, self.rotation = crop_padding, hflip, rotation
+        self.crop_padding, self.hflip, self.rotation, self.padding_mode = (
+            crop_padding,
+            hflip,
+            rotation,
+            crop_padding_mode,
+        )
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         if train and self.crop_padding:
-            images = random_crop(images, self.crop_padding)
+            images = random_crop(images, self.crop_padding, self.padding_mode)
         if train and self.hflip:
             images = random_hflip(images)
         images = images.float()
@@ -181,9 +200,14 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
         return (split["images"], split["labels"]), split["labels"], list(split["class_names"])
 
     def view(self, source: tuple[torch.Tensor, torch.Tensor], indices: Sequence[int] | None, train: bool) -> Dataset:
+        dm, mirrored = self.dm, None
         if train:
-            self.augment = BatchAugment(*self.dm.normalization(), self.dm.crop_padding, self.dm.hflip, self.dm.rotation)
-        return TensorImages(*source, indices)
+            self.augment = BatchAugment(
+                *dm.normalization(), dm.crop_padding, dm.hflip is True, dm.rotation, dm.crop_padding_mode
+            )
+        if train and dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
+            mirrored = torch.rand(len(source[0]), generator=torch.Generator().manual_seed(dm.seed)) < 0.5
+        return TensorImages(*source, indices, mirrored)
 
     def loader(self, dataset: TensorImages, sampler: Sampler | None, generator: torch.Generator) -> TensorBatches:
         """Batches sliced on the training device if the split takes under half its free memory (val shares train's)."""
@@ -192,7 +216,8 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
         if device.type != "cpu" and (key in self.on_device or dataset.images.nbytes < available_memory(device) / 2):
             if key not in self.on_device:
                 self.on_device[key] = (dataset.images.to(device), dataset.labels.to(device))
-            dataset = TensorImages(*self.on_device[key], dataset.indices.to(device))
+            mirrored = None if dataset.mirrored is None else dataset.mirrored.to(device)
+            dataset = TensorImages(*self.on_device[key], dataset.indices.to(device), mirrored)
         return TensorBatches(dataset, sampler or SequentialSampler(dataset), self.dm.batch_size)
 
     def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,8 @@ class PerSamplePath:  # the `DataPath` decoding and transforming image by image
 
     def view(self, source: Dataset, indices: Sequence[int] | None, train: bool) -> Dataset:
         dm = self.dm
-        augment = [T.RandomCrop(dm.input_shape[1:], padding=dm.crop_padding)] if train and dm.crop_padding else []
+        crop = T.RandomCrop(dm.input_shape[1:], padding=dm.crop_padding, padding_mode=dm.crop_padding_mode)
+        augment = [crop] if train and dm.crop_padding else []
         augment += [T.RandomHorizontalFlip()] if train and dm.hflip else []
         augment += [T.RandomRotation(dm.rotation)] if train and dm.rotation else []
         transform = T.Compose([*dm.resize(), *augment, T.ToTensor(), T.Normalize(*dm.normalization())])
