@@ -207,6 +207,12 @@ ABLATIONS = [
     ("no-nesterov", "plain momentum (`optimizer.nesterov=false`)", {"optimizer.nesterov": "false"}),
     ("no-warmup", "no warm-up, linear decay only (`scheduler.warmup=0`)", {"scheduler.warmup": "0"}),
     ("ema", "plus an EMA of the weights (`ema_decay=0.9`)", {"ema_decay": "0.9"}),
+    ("alternate-flip", "plus alternating flip (`dataset.hflip=alternate`)", {"dataset.hflip": "alternate"}),
+    (
+        "reflect-crop",
+        "plus mirrored crop borders (`dataset.crop_padding_mode=reflect`)",
+        {"dataset.crop_padding_mode": "reflect"},
+    ),
 ]
 
 

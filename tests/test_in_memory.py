@@ -29,10 +29,11 @@ def fashion(data_dir, **kwargs) -> FashionMNISTDataModule:
     return dm
 
 
-def test_random_crop_is_a_window_of_the_zero_padded_image_and_uses_every_offset():
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_random_crop_is_a_window_of_the_zero_or_mirror_padded_image_and_uses_every_offset(mode):
     images = torch.randint(1, 256, (400, 3, 8, 6), dtype=torch.uint8)
-    out = random_crop(images, padding=2)
-    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    out = random_crop(images, padding=2, mode=mode)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode=mode)
     offsets = set()
     for i in range(len(images)):
         windows = [(top, left) for top in range(5) for left in range(5)]
@@ -57,6 +58,39 @@ def test_rotation_matches_torchvision_rotate_with_nearest_interpolation(angle):
     images = torch.randint(1, 256, (2, 3, 32, 24)).float()
     expected = TF.rotate(images, angle, interpolation=InterpolationMode.NEAREST)
     torch.testing.assert_close(rotate(images, torch.full((2,), angle)), expected)
+
+
+def test_alternating_flip_mirrors_each_training_image_every_other_epoch_and_never_a_val_image(tmp_path):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=200)
+    dm = fashion(tmp_path, in_memory=True, hflip="alternate", val_fraction=0.2)
+    train, source = dm.train_dataloader(), dm.train_set
+
+    def mirrored(epoch: int) -> dict[int, bool]:
+        train.sampler.set_epoch(epoch)
+        images = torch.cat([x for x, _ in train])
+        originals = source.images[source.indices[torch.tensor(list(train.sampler))]]
+        assert all(torch.equal(x, o) or torch.equal(x, o.flip(2)) for x, o in zip(images, originals, strict=True))
+        j = source.indices[torch.tensor(list(train.sampler))].tolist()
+        return {i: not torch.equal(x, o) for i, x, o in zip(j, images, originals, strict=True)}
+
+    first, second, third = mirrored(0), mirrored(1), mirrored(2)
+    assert len(first) == 160 and all(second[i] != first[i] and third[i] == first[i] for i in first)
+    assert 50 < sum(first.values()) < 110  # a random half, the same for every run of this seed
+    assert first == {i: bool(m) for i, m in enumerate(source.mirrored.tolist()) if i in first}
+    val = torch.cat([x for x, _ in dm.val_dataloader()])
+    assert torch.equal(val, dm.val_set.images[dm.val_set.indices])
+
+
+def test_alternating_flip_is_refused_on_the_per_sample_path_and_unknown_flips_or_paddings_are_one_line(tmp_path):
+    from src.data import DataError
+
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    with pytest.raises(DataError, match="hflip=alternate needs the in-memory path"):
+        fashion(tmp_path, in_memory=False, hflip="alternate")
+    with pytest.raises(DataError, match="hflip must be true, false or alternate, got 'sometimes'"):
+        fashion(tmp_path, hflip="sometimes")
+    with pytest.raises(DataError, match="crop_padding_mode must be constant or reflect, got 'edge'"):
+        fashion(tmp_path, crop_padding_mode="edge")
 
 
 def test_augmentation_runs_only_in_training_and_normalizes_like_normalize():

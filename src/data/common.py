@@ -76,12 +76,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.data_dir, self.batch_size, self.num_workers = Path(data_dir).expanduser(), batch_size, num_workers
         self.val_fraction, self.folds, self.fold, self.seed = val_fraction, folds, fold, seed
         self.mean, self.std, self.in_memory = tuple(mean), tuple(std), in_memory
-        self.hflip, self.rotation, self.crop_padding, self.crop_padding_mode = (
-            hflip,
-            rotation,
-            crop_padding,
-            crop_padding_mode,
-        )
+        self.hflip, self.rotation = hflip, rotation
+        self.crop_padding, self.crop_padding_mode = crop_padding, crop_padding_mode
         self.path: DataPath | None = None  # chosen once, by setup()
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)

@@ -147,12 +147,8 @@ class BatchAugment:
     ) -> None:
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
-        self.crop_padding, self.hflip, self.rotation, self.padding_mode = (
-            crop_padding,
-            hflip,
-            rotation,
-            crop_padding_mode,
-        )
+        self.crop_padding, self.padding_mode = crop_padding, crop_padding_mode
+        self.hflip, self.rotation = hflip, rotation
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         if train and self.crop_padding:
