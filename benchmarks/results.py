@@ -195,6 +195,8 @@ ABLATION_BASE = {
     "trainer.max_epochs": "3",
     "scheduler.warmup": "0.23",
     "ema_decay": "null",
+    "dataset.hflip": "true",
+    "dataset.crop_padding_mode": "constant",
 }
 ABLATIONS = [
     ("recipe", "airbench94's choices (all of the below)", {}),
