@@ -75,7 +75,9 @@ def test_alternating_flip_mirrors_each_training_image_every_other_epoch_and_neve
 
     first, second, third = mirrored(0), mirrored(1), mirrored(2)
     assert len(first) == 160 and all(second[i] != first[i] and third[i] == first[i] for i in first)
-    assert 50 < sum(first.values()) < 110  # a random half, the same for every run of this seed
+    assert 50 < sum(first.values()) < 110  # a random half, the same for every run of this seed:
+    again = fashion(tmp_path, in_memory=True, hflip="alternate", val_fraction=0.2)
+    assert torch.equal(again.train_set.mirrored, source.mirrored)
     assert first == {i: bool(m) for i, m in enumerate(source.mirrored.tolist()) if i in first}
     val = torch.cat([x for x, _ in dm.val_dataloader()])
     assert torch.equal(val, dm.val_set.images[dm.val_set.indices])
@@ -87,6 +89,10 @@ def test_alternating_flip_is_refused_on_the_per_sample_path_and_unknown_flips_or
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
     with pytest.raises(DataError, match="hflip=alternate needs the in-memory path"):
         fashion(tmp_path, in_memory=False, hflip="alternate")
+    options = {"local_copies": [], "download": False, "in_memory": False, "hflip": "alternate"}
+    FashionMNISTDataModule(data_dir=str(tmp_path), **options).setup("test")  # evaluate and export never flip
+    with pytest.raises(DataError, match="hflip must be true, false or alternate, got 1"):
+        fashion(tmp_path, hflip=1)
     with pytest.raises(DataError, match="hflip must be true, false or alternate, got 'sometimes'"):
         fashion(tmp_path, hflip="sometimes")
     with pytest.raises(DataError, match="crop_padding_mode must be constant or reflect, got 'edge'"):
@@ -138,7 +144,7 @@ def test_each_ddp_process_gets_its_own_shard_of_every_epoch(tmp_path):
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_with_overfit_batches_every_epoch_serves_the_same_batches(tmp_path, in_memory):
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
-    dm = fashion(tmp_path, in_memory=in_memory)
+    dm = fashion(tmp_path, in_memory=in_memory, hflip="alternate" if in_memory else True)
     epochs = {}
     for overfit in (0, 2):
         dm.trainer = SimpleNamespace(
@@ -150,8 +156,11 @@ def test_with_overfit_batches_every_epoch_serves_the_same_batches(tmp_path, in_m
         loader = dm.train_dataloader()
         for epoch in (0, 1):
             getattr(loader.sampler, "set_epoch", lambda _: None)(epoch)
-            epochs[overfit, epoch] = torch.cat([y for _, y in loader]).tolist()
-    assert epochs[2, 0] == epochs[2, 1] and epochs[0, 0] != epochs[0, 1]
+            images, labels = zip(*loader, strict=True)
+            epochs[overfit, epoch] = torch.cat(labels).tolist(), torch.cat(images)
+    assert epochs[2, 0][0] == epochs[2, 1][0] and epochs[0, 0][0] != epochs[0, 1][0]
+    if in_memory:  # mirrored the same way too (the per-sample path flips at random: hflip=true)
+        assert torch.equal(epochs[2, 0][1], epochs[2, 1][1])
 
 
 def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
@@ -210,11 +219,12 @@ def test_cache_write_removes_dead_writers_temp_files_and_keeps_live_ones(tmp_pat
 def test_on_an_accelerator_the_splits_move_once_and_val_shares_trains_copy(tmp_path):
     """The meta device stands in for a GPU: what is moved where, without a GPU."""
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
-    dm = fashion(tmp_path, in_memory=True)
+    dm = fashion(tmp_path, in_memory=True, hflip="alternate")
     meta = SimpleNamespace(root_device=torch.device("meta"))
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, strategy=meta, overfit_batches=0)
     train, val, test = dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()
     assert {loader.source.images.device.type for loader in (train, val, test)} == {"meta"}
+    assert train.source.mirrored.device.type == "meta" and val.source.mirrored is test.source.mirrored is None
     assert val.source.images is train.source.images and test.source.images is not train.source.images
     assert dm.train_dataloader().source.images is train.source.images  # moved once, not every epoch
     assert dm.train_set.images.device.type == "cpu"  # the host copy stays as it was

@@ -299,11 +299,27 @@ def test_resume_with_other_settings_is_refused_listing_them(compose_cfg, fashion
     assert strict_json_load(fashion_run.run_dir / "metrics.json") == fashion_run.metrics  # the shared run is as it was
 
 
+def test_a_setting_added_since_a_run_began_differs_only_from_the_behaviour_the_run_had(compose_cfg, fashion_run):
+    from src.runs.checkpoints import checkpoint_hparams
+    from src.runs.record import differing_settings
+
+    saved = checkpoint_hparams(fashion_run.last)["config"]
+    del saved["dataset"]["crop_padding_mode"]  # a run from before the setting existed: it padded with zeros
+    assert differing_settings(compose_cfg(fashion_run.overrides), saved) == []
+    reflect = compose_cfg([*fashion_run.overrides, "dataset.crop_padding_mode=reflect"])
+    assert differing_settings(reflect, saved) == ["dataset.crop_padding_mode"]
+
+
 def test_a_run_resumed_from_its_epoch_end_checkpoint_ends_as_the_uninterrupted_run(compose_cfg, data, tmp_path):
     """In-process, what the SIGKILL test (slow tier) checks end to end: augmentation, dropout and the batch order
     of every epoch depend on (seed, epoch) alone, so continuing from last.ckpt gives the same metrics."""
     common = [*offline_dataset("fashion_mnist", data), "model=cnn2", "model.hidden=[16]", "model.dropout=0.3"]
-    common += ["dataset.hflip=true", "dataset.crop_padding=2", *NO_FIGURES, *[o for o in FAST if "epochs" not in o]]
+    common += [
+        "dataset.hflip=alternate",
+        "dataset.crop_padding=2",
+        *NO_FIGURES,
+        *[o for o in FAST if "epochs" not in o],
+    ]
     train(compose_cfg([*common, "trainer.max_epochs=3"], tmp_path / "full"))
     train(compose_cfg([*common, "trainer.max_epochs=2"], tmp_path / "two"))
     train(

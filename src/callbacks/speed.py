@@ -62,7 +62,8 @@ def whitening_filters(moment: torch.Tensor, n_filters: int, eps: float = 5e-4) -
 
 class WhitenStem(L.Callback):
     """For a fresh fit of a network with `whiten = True`: the first 2k filters of `net.stem_conv` become
-    `whitening_filters` of the first `images` training images, not augmented (airbench), averaged over DDP processes."""
+    `whitening_filters` of the first `images` training images, not augmented (airbench; with `hflip=alternate`, a half
+    of them mirrored, as each epoch shows them), averaged over DDP processes."""
 
     def __init__(self, images: int = 5000, eps: float = 5e-4) -> None:
         self.images, self.eps = images, eps

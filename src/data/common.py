@@ -63,7 +63,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"dataset.in_memory must be true, false or auto, got {in_memory!r}")
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"dataset.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-        if hflip not in (True, False, "alternate"):
+        if not (isinstance(hflip, bool) or hflip == "alternate"):
             raise DataError(f"dataset.hflip must be true, false or alternate, got {hflip!r}")
         if crop_padding_mode not in ("constant", "reflect"):
             raise DataError(f"dataset.crop_padding_mode must be constant or reflect, got {crop_padding_mode!r}")
@@ -157,9 +157,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.path is None:
             memory = self.in_memory is True or (self.in_memory == "auto" and InMemoryPath.fits(self.decoded_bytes()))
+            if self.hflip == "alternate" and not memory and stage in (None, "fit"):
+                raise DataError(
+                    f"dataset.hflip=alternate needs the in-memory path, which dataset.in_memory={self.in_memory} did "
+                    "not pick: set dataset.in_memory=true, or dataset.hflip=true"
+                )
             self.path = InMemoryPath(self) if memory else PerSamplePath(self)
-            if self.hflip == "alternate" and not memory:
-                raise DataError("dataset.hflip=alternate needs the in-memory path: set dataset.in_memory=true")
         if self.train_set is None:
             source, labels, self.class_names = self.path.read(train=True)
             self.check_labels(labels, train=True)

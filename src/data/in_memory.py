@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class TensorImages(Dataset):
     """One split: `indices` into shared uint8 images (N, C, H, W) and labels; `__getitems__` gathers a batch.
     `mirrored` (one bool per image): airbench's alternating flip, those images mirrored in even epochs, the others
-    in odd ones, so each image is seen both ways in any two epochs (`epoch`, set by TensorBatches)."""
+    in odd ones, so each image is seen both ways in any two consecutive epochs (`epoch`, set by TensorBatches)."""
 
     def __init__(
         self,
@@ -39,14 +39,15 @@ class TensorImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[self.indices[i]], int(self.labels[self.indices[i]])
+        images, labels = self.__getitems__(torch.tensor([i]))
+        return images[0], int(labels[0])
 
     def __getitems__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.indices[positions]
         if self.mirrored is None:
             return self.images[j], self.labels[j]
-        flip = (self.mirrored[j] ^ bool(self.epoch % 2)).view(-1, 1, 1, 1)
-        return torch.where(flip, self.images[j].flip(3), self.images[j]), self.labels[j]
+        images, flip = self.images[j], (self.mirrored[j] ^ bool(self.epoch % 2)).view(-1, 1, 1, 1)
+        return torch.where(flip, images.flip(3), images), self.labels[j]
 
 
 class TensorBatches:
@@ -61,7 +62,8 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Drawn at the first batch, after Lightning has set the sampler's epoch (a resumed run calls iter() before).
         order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.source.images.device)
-        self.source.epoch = getattr(self.sampler, "epoch", 0)
+        # Unshuffled (overfit_batches): the same batches each epoch, mirrored the same way.
+        self.source.epoch = self.sampler.epoch if getattr(self.sampler, "shuffle", False) else 0
         yield from map(self.source.__getitems__, order.split(self.batch_size))
 
     def __len__(self) -> int:

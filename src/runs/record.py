@@ -28,6 +28,8 @@ NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=", "trusted
 # Settings a resumed run may change: training longer is what resuming is for; the others never change a result.
 SHOWN_OR_SPEED = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar", "compile")
 RESUMABLE_CHANGES = ("trainer.max_epochs", *SHOWN_OR_SPEED)
+# Settings added since a run may have started, at the value that computes what the run did without them.
+ADDED_SETTINGS = {"dataset.crop_padding_mode": "constant"}
 
 
 def build_trainer(cfg: DictConfig, only: tuple[str, ...] | None = None, extra: Sequence[L.Callback] = ()) -> L.Trainer:
@@ -69,7 +71,7 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def differing_settings(cfg: DictConfig, saved: dict[str, Any]) -> list[str]:
     """Keys that differ from the checkpoint's run config, but for where runs write, resume and RESUMABLE_CHANGES."""
-    now, then = _flat(OmegaConf.to_container(cfg, resolve=False)), _flat(saved)
+    now, then = _flat(OmegaConf.to_container(cfg, resolve=False)), {**ADDED_SETTINGS, **_flat(saved)}
     scheduled = now.get("scheduler._target_") or then.get("scheduler._target_")  # its state fixes the run's length
     resumable = [k for k in RESUMABLE_CHANGES if not (scheduled and k == "trainer.max_epochs")]
     ignored = ("ckpt_path", "resume", "paths", "hydra", "trusted_packages", *resumable)
