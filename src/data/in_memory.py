@@ -198,12 +198,12 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
         return (split["images"], split["labels"]), split["labels"], list(split["class_names"])
 
     def view(self, source: tuple[torch.Tensor, torch.Tensor], indices: Sequence[int] | None, train: bool) -> Dataset:
+        if not train:
+            return TensorImages(*source, indices)
         dm, mirrored = self.dm, None
-        if train:
-            self.augment = BatchAugment(
-                *dm.normalization(), dm.crop_padding, dm.hflip is True, dm.rotation, dm.crop_padding_mode
-            )
-        if train and dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
+        flip = dm.hflip is True  # "alternate" flips in TensorImages, by epoch
+        self.augment = BatchAugment(*dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode)
+        if dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
             mirrored = torch.rand(len(source[0]), generator=torch.Generator().manual_seed(dm.seed)) < 0.5
         return TensorImages(*source, indices, mirrored)
 
