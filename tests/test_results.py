@@ -182,7 +182,7 @@ def test_dry_run_lists_the_commands_of_each_table(tmp_path, capsys):
         "fast_mnist_7200: skipped, kept as it is: no real MNIST",
         "per-sample: python -m src.train experiment=fast_fashion_mnist dataset.in_memory=false seed=0 ",
         "throughput-cnn2-64: python -m benchmarks.throughput --data-dir ",
-        "startup-whole: skipped, kept as it is: no real MNIST",
+        "startup-whole: python -m benchmarks.startup --fashion-mnist ",
     ]:
         assert expected in out, expected
     for line in out.splitlines():
