@@ -146,6 +146,20 @@ def throughput_cells(case: str) -> Callable[[Measurement], list[str]]:
     return cells
 
 
+def compile_cells(case: str) -> Callable[[Measurement, dict], list[str]]:
+    """benchmarks.compile_speed's line for `case`: eager and compiled (first step, images/s), when it pays."""
+    line = re.compile(re.escape(case) + r"\s+([\d.]+)s\s+(\d+)\s+([\d.]+)s\s+(\d+)\s+(.+)$", re.M)
+
+    def cells(m: Measurement, _: dict) -> list[str]:
+        found = line.search(m.output)
+        if not found:
+            raise RuntimeError(f"benchmarks.compile_speed printed no line for {case!r}")
+        eager_first, eager, compiled_first, compiled, pays = found.groups()
+        return [f"{eager_first} s, {int(eager):,} img/s", f"{compiled_first} s, {int(compiled):,} img/s", pays]
+
+    return cells
+
+
 # ----------------------------------------------------------------------------------------------- the tables
 
 
@@ -279,6 +293,7 @@ JOBS = {
             ("fashion",),
             reads_metrics=False,
         ),  # fmt: skip
+        Job("compile", ["python", "-m", "benchmarks.compile_speed"], reads_metrics=False),
         Job("tests", ["python", "-m", "benchmarks.test_time"], reads_metrics=False),
     ]
 }
@@ -492,6 +507,30 @@ TABLES = [
                 printed(r"^first step ours/bare = ([\d.]+)"),
             ),  # fmt: skip
         ],
+    ),
+    Table(
+        "compile",
+        [
+            "`python -m benchmarks.compile_speed` (training steps, 2 threads)",
+            "eager: first step, steady",
+            "compiled: first step, steady",
+            "pays after",
+        ],  # fmt: skip
+        [
+            Row(
+                "compile-airbench",
+                "`airbench` 3x32x32, batch 1024, bf16",
+                "compile",
+                compile_cells("airbench 3x32x32 batch 1024 bf16"),
+            ),
+            Row(
+                "compile-bn_convnet",
+                "`bn_convnet` 1x28x28, batch 256, bf16",
+                "compile",
+                compile_cells("bn_convnet 1x28x28 batch 256 bf16"),
+            ),
+            Row("compile-cnn3", "`cnn3` 1x28x28, batch 128, fp32", "compile", compile_cells("cnn3 1x28x28 batch 128")),
+        ],  # fmt: skip
     ),
     Table(
         "tests",
