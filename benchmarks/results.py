@@ -492,7 +492,7 @@ TABLES = [
         [
             "`python -m benchmarks.startup` (Fashion-MNIST files, fresh processes, warm .pyc, median of 5)",
             "ours / bare",
-        ],  # fmt: skip
+        ],
         [
             Row(
                 "startup-whole",
@@ -515,7 +515,7 @@ TABLES = [
             "eager: first step, steady",
             "compiled: first step, steady",
             "pays after",
-        ],  # fmt: skip
+        ],
         [
             Row(
                 "compile-airbench",
@@ -530,7 +530,7 @@ TABLES = [
                 compile_cells("bn_convnet 1x28x28 batch 256 bf16"),
             ),
             Row("compile-cnn3", "`cnn3` 1x28x28, batch 128, fp32", "compile", compile_cells("cnn3 1x28x28 batch 128")),
-        ],  # fmt: skip
+        ],
     ),
     Table(
         "tests",
