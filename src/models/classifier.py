@@ -55,6 +55,45 @@ def warmup_then_decay(
     return SequentialLR(optimizer, [rise, decay], milestones=[warm])
 
 
+class MuonSGD(torch.optim.SGD):
+    """SGD, except that conv filters (4-D parameters) take Muon's step, as airbench94_muon trains them: their
+    momentum, orthogonalized by torch.optim.Muon's Newton-Schulz iteration, at `muon_lr`, onto weights first rescaled
+    to norm sqrt(out channels). That rescaling assumes a BatchNorm after each conv (only a filter's direction counts).
+    One optimizer, because Lightning's automatic optimization steps one; torch.optim.Muon takes only 2-D weights."""
+
+    def __init__(self, params: Any, muon_lr: float, muon_momentum: float, ns_steps: int = 3, **sgd: Any) -> None:
+        groups = list(params)
+        groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
+        split = []
+        for group in groups:
+            params = list(group["params"])
+            split.append({**group, "params": [p for p in params if p.ndim != 4]})
+            filters = [p for p in params if p.ndim == 4]
+            split.append({**group, "params": filters, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0})
+            split[-1].update(muon=True, ns_steps=ns_steps)
+        super().__init__([group for group in split if group["params"]], **sgd)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in (group for group in self.param_groups if group.get("muon")):
+            momentum = group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)).mul_(momentum).add_(p.grad)
+                grad = p.grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                p.mul_(len(p) ** 0.5 / p.norm())
+                ns = (DEFAULT_A, DEFAULT_B, DEFAULT_C), group["ns_steps"], 1e-7
+                p.add_(_zeropower_via_newtonschulz(grad.flatten(1), *ns).view_as(p), alpha=-group["lr"])
+                p.grad = None  # SGD's step below leaves it alone
+        super().step()
+        return loss
+
+
 @dataclass(frozen=True)
 class TestResult:
     """What one test epoch measured beyond the logged scalars (over all DDP processes); per class by name."""
@@ -209,8 +248,8 @@ class ClassifierModule(L.LightningModule):
             raise UserError("ClassifierModule needs an optimizer to train (config group optimizer=...)")
         scale = self.hparams.get("norm_lr_scale", 1.0)
         optimizer = self.optimizer(params=self.parameter_groups() if scale != 1.0 else self.parameters())
-        if scale != 1.0:
-            for group in optimizer.param_groups[1:]:  # the normalization layers' parameters
+        for group in optimizer.param_groups:
+            if group.get("norm"):  # the normalization layers' parameters
                 group["lr"] *= scale
                 group["weight_decay"] = group.get("weight_decay", 0.0) / scale
         if self.scheduler is None:
@@ -224,17 +263,20 @@ class ClassifierModule(L.LightningModule):
         except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
         now = [group["lr"] for group in optimizer.param_groups]
-        if len(now) > 1 and not math.isclose(now[1] * before[0], now[0] * before[1], rel_tol=1e-6):
+        if not all(math.isclose(n * before[0], now[0] * b, rel_tol=1e-6) for n, b in zip(now, before, strict=True)):
             needs = "needs a scheduler that multiplies every group's learning rate (warmup_decay, cosine, step)"
             raise UserError(f"norm_lr_scale={scale} {needs}; this one sets the same rate for all (onecycle's max_lr)")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """[everything else, the normalization layers' parameters] (empty groups left out)."""
+        """[everything else, the normalization layers' parameters (marked "norm")] (empty groups left out)."""
         norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
         norm = {id(p) for m in self.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)}
-        groups = [[p for p in self.parameters() if id(p) not in norm], [p for p in self.parameters() if id(p) in norm]]
-        return [{"params": params} for params in groups if params]
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) not in norm]},
+            {"params": [p for p in self.parameters() if id(p) in norm], "norm": True},
+        ]
+        return [group for group in groups if group["params"]]
 
 
 def reliability_bins(confidences: torch.Tensor, correct: torch.Tensor) -> list[tuple[float, float, int]]:
