@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from src.callbacks.speed import EMA, WhitenStem, patch_moment, whitening_filters
 from src.models.airbench import AirbenchNet
 from src.models.bn_convnet import BNConvNet
-from src.models.classifier import ClassifierModule, tta_logits, warmup_then_decay
+from src.models.classifier import ClassifierModule, MuonSGD, tta_logits, warmup_then_decay
 from src.train import build_module, train
 from src.utils.errors import UserError
 from src.utils.resolvers import fast_precision
@@ -307,8 +307,8 @@ def optimizer_of(module: ClassifierModule, steps: int = 100):
     return module.configure_optimizers()
 
 
-def grouped_module(scale: float, scheduler=None) -> ClassifierModule:
-    sgd = functools.partial(torch.optim.SGD, lr=0.5, momentum=0.85, nesterov=True, weight_decay=1e-3)
+def grouped_module(scale: float, scheduler=None, optimizer=torch.optim.SGD, **extra) -> ClassifierModule:
+    sgd = functools.partial(optimizer, lr=0.5, momentum=0.85, nesterov=True, weight_decay=1e-3, **extra)
     settings = {"interval": "step", "total_steps_key": "total_steps"} if scheduler else None
     return ClassifierModule(
         airbench(), list("abcd"), (3, 12, 12), optimizer=sgd, scheduler=scheduler, lr_scheduler=settings,
@@ -348,6 +348,38 @@ def test_norm_lr_scale_with_a_scheduler_that_sets_one_rate_for_all_is_a_user_err
     onecycle = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5)
     with pytest.raises(UserError, match="norm_lr_scale=64.0 needs a scheduler that multiplies every group's"):
         optimizer_of(grouped_module(64.0, onecycle))
+
+
+def test_muon_sgd_steps_conv_filters_by_orthogonalized_momentum_and_the_rest_as_sgd():
+    scheduler = functools.partial(warmup_then_decay, warmup=0.0, start_factor=1.0, end_factor=0.5)
+    module = grouped_module(64.0, scheduler, MuonSGD, muon_lr=0.1, muon_momentum=0.6)
+    configured = optimizer_of(module, steps=10)
+    optimizer, lr_scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    filters = [p for p in module.parameters() if p.ndim == 4 and p.requires_grad]
+    muon = [group for group in optimizer.param_groups if group.get("muon")]
+    assert [id(p) for group in muon for p in group["params"] if p.requires_grad] == [id(p) for p in filters]
+    assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in muon] == [(0.1, 0.6, 0.0)]
+    assert sorted(g["lr"] for g in optimizer.param_groups if not g.get("muon")) == [0.5, 32.0]  # norm_lr_scale holds
+    sgd_twin = grouped_module(64.0)  # the same net under plain SGD
+    sgd_optimizer = optimizer_of(sgd_twin)
+    stem = module.net.stem.weight.detach().clone()
+    x, y = torch.randn(6, 3, 12, 12), torch.tensor([0, 1, 2, 3, 0, 1])
+    for step in range(2):  # the second step has a momentum
+        before = [p.detach().clone() for p in filters]
+        for net, opt in ((module, optimizer), (sgd_twin, sgd_optimizer)):
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        for old, new in zip(before, filters, strict=True):
+            update = (new.detach() - old * len(old) ** 0.5 / old.norm()).flatten(1) / -0.1
+            singular = torch.linalg.svdvals(update)
+            assert 0.3 < singular.min() and singular.max() < 1.7  # orthogonalized: all directions move alike
+        if step == 0:  # same grads before the filters differ: the other parameters took SGD's own step
+            twins = dict(sgd_twin.named_parameters())
+            assert all(torch.equal(p, twins[n]) for n, p in module.named_parameters() if p.ndim != 4)
+    assert torch.equal(module.net.stem.weight, stem)  # frozen: never stepped
+    lr_scheduler.step()
+    assert muon[0]["lr"] == pytest.approx(0.1 * (1 - 0.5 / 10))  # the scheduler multiplies the filters' rate too
 
 
 @pytest.mark.slow
