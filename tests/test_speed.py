@@ -344,10 +344,12 @@ def test_warmup_decay_rises_from_a_fifth_to_the_peak_then_falls_to_7_percent_kee
     assert all(lrs[1] == pytest.approx(64 * lrs[0]) for lrs in seen)
 
 
-def test_norm_lr_scale_with_a_scheduler_that_sets_one_rate_for_all_is_a_user_error():
+def test_groups_with_their_own_rates_and_a_scheduler_that_sets_one_rate_for_all_is_a_user_error():
     onecycle = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5)
-    with pytest.raises(UserError, match="norm_lr_scale=64.0 needs a scheduler that multiplies every group's"):
+    with pytest.raises(UserError, match=r"norm_lr_scale=64.0, muon_lr\) need a scheduler that multiplies every"):
         optimizer_of(grouped_module(64.0, onecycle))
+    with pytest.raises(UserError, match="need a scheduler that multiplies every group's learning rate"):
+        optimizer_of(grouped_module(1.0, onecycle, MuonSGD, muon_lr=0.1, muon_momentum=0.6))
 
 
 def test_muon_sgd_steps_conv_filters_by_orthogonalized_momentum_and_the_rest_as_sgd():

@@ -264,8 +264,9 @@ class ClassifierModule(L.LightningModule):
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
         now = [group["lr"] for group in optimizer.param_groups]
         if not all(math.isclose(n * before[0], now[0] * b, rel_tol=1e-6) for n, b in zip(now, before, strict=True)):
-            needs = "needs a scheduler that multiplies every group's learning rate (warmup_decay, cosine, step)"
-            raise UserError(f"norm_lr_scale={scale} {needs}; this one sets the same rate for all (onecycle's max_lr)")
+            needs = "need a scheduler that multiplies every group's learning rate (warmup_decay, cosine, step)"
+            groups = f"parameter groups with rates of their own (norm_lr_scale={scale}, muon_lr)"
+            raise UserError(f"{groups} {needs}; this one sets the same rate for all (onecycle's max_lr)")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
