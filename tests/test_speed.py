@@ -346,13 +346,16 @@ def test_warmup_decay_rises_from_a_fifth_to_the_peak_then_falls_to_7_percent_kee
 
 def test_groups_with_their_own_rates_and_a_scheduler_that_sets_one_rate_for_all_is_a_user_error():
     onecycle = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.5)
-    with pytest.raises(UserError, match=r"norm_lr_scale=64.0, muon_lr\) need a scheduler that multiplies every"):
+    with pytest.raises(UserError, match=r"\(norm_lr_scale=64.0\) need a scheduler that multiplies every group's"):
         optimizer_of(grouped_module(64.0, onecycle))
-    with pytest.raises(UserError, match="need a scheduler that multiplies every group's learning rate"):
-        optimizer_of(grouped_module(1.0, onecycle, MuonSGD, muon_lr=0.1, muon_momentum=0.6))
+    with pytest.raises(UserError, match=r"\(muon_lr\) need a scheduler that multiplies every group's rate and keeps"):
+        optimizer_of(grouped_module(1.0, onecycle, MuonSGD, muon_lr=0.5, muon_momentum=0.6))  # same rate: momentum
 
 
 def test_muon_sgd_steps_conv_filters_by_orthogonalized_momentum_and_the_rest_as_sgd():
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
+
+    NS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
     scheduler = functools.partial(warmup_then_decay, warmup=0.0, start_factor=1.0, end_factor=0.5)
     module = grouped_module(64.0, scheduler, MuonSGD, muon_lr=0.1, muon_momentum=0.6)
     configured = optimizer_of(module, steps=10)
@@ -365,17 +368,26 @@ def test_muon_sgd_steps_conv_filters_by_orthogonalized_momentum_and_the_rest_as_
     sgd_twin = grouped_module(64.0)  # the same net under plain SGD
     sgd_optimizer = optimizer_of(sgd_twin)
     stem = module.net.stem.weight.detach().clone()
-    x, y = torch.randn(6, 3, 12, 12), torch.tensor([0, 1, 2, 3, 0, 1])
-    for step in range(2):  # the second step has a momentum
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    buffers = [torch.zeros_like(p) for p in filters]
+    for step in range(2):  # the second step has a momentum, from another batch's gradient
+        x = torch.randn(6, 3, 12, 12)
         before = [p.detach().clone() for p in filters]
         for net, opt in ((module, optimizer), (sgd_twin, sgd_optimizer)):
             torch.nn.functional.cross_entropy(net(x), y).backward()
+            if net is module:
+                grads = [p.grad.clone() for p in filters]
             opt.step()
             opt.zero_grad()
-        for old, new in zip(before, filters, strict=True):
-            update = (new.detach() - old * len(old) ** 0.5 / old.norm()).flatten(1) / -0.1
-            singular = torch.linalg.svdvals(update)
+        for old, new, grad, buffer in zip(before, filters, grads, buffers, strict=True):
+            buffer.mul_(0.6).add_(grad)  # airbench94_muon's Muon, written out: Nesterov momentum 0.6 ...
+            direction = _zeropower_via_newtonschulz((grad + 0.6 * buffer).flatten(1), NS, 3, 1e-7).view_as(old)
+            expected = old * len(old) ** 0.5 / old.norm() - 0.1 * direction  # ... at lr 0.1
+            assert (new.detach() - expected).norm() < 0.01 * (0.1 * direction).norm()  # bf16 inside: ~0.4% apart
+            update = (new.detach() - old * len(old) ** 0.5 / old.norm()).flatten(1)
+            singular = torch.linalg.svdvals(update / -0.1)
             assert 0.3 < singular.min() and singular.max() < 1.7  # orthogonalized: all directions move alike
+            assert (update * grad.flatten(1)).sum() < 0  # downhill
         if step == 0:  # same grads before the filters differ: the other parameters took SGD's own step
             twins = dict(sgd_twin.named_parameters())
             assert all(torch.equal(p, twins[n]) for n, p in module.named_parameters() if p.ndim != 4)

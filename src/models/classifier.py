@@ -66,7 +66,7 @@ class MuonSGD(torch.optim.SGD):
         groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
         split = []
         for group in groups:
-            params = list(group["params"])
+            params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
             split.append({**group, "params": [p for p in params if p.ndim != 4]})
             filters = [p for p in params if p.ndim == 4]
             split.append({**group, "params": filters, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0})
@@ -257,16 +257,20 @@ class ClassifierModule(L.LightningModule):
         settings = dict(self.hparams.lr_scheduler or {})
         steps_key = settings.pop("total_steps_key", None)
         steps = {steps_key: self.trainer.estimated_stepping_batches} if steps_key else {}
-        before = [group["lr"] for group in optimizer.param_groups]
+        before = [(group["lr"], group.get("momentum")) for group in optimizer.param_groups]
         try:
             scheduler = self.scheduler(optimizer=optimizer, **steps)
         except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
-        now = [group["lr"] for group in optimizer.param_groups]
-        if not all(math.isclose(n * before[0], now[0] * b, rel_tol=1e-6) for n, b in zip(now, before, strict=True)):
-            needs = "need a scheduler that multiplies every group's learning rate (warmup_decay, cosine, step)"
-            groups = f"parameter groups with rates of their own (norm_lr_scale={scale}, muon_lr)"
-            raise UserError(f"{groups} {needs}; this one sets the same rate for all (onecycle's max_lr)")
+        now = [(group["lr"], group.get("momentum")) for group in optimizer.param_groups]
+        (b0, _), (n0, _) = before[0], now[0]
+        multiplied = all(math.isclose(n * b0, n0 * b, rel_tol=1e-6) for (n, _), (b, _) in zip(now, before, strict=True))
+        momenta = [m for _, m in before]
+        if not multiplied or (len(set(momenta)) > 1 and [m for _, m in now] != momenta):  # onecycle sets both
+            own = [f"norm_lr_scale={scale}"] if scale != 1.0 else []
+            own += ["muon_lr"] if any(group.get("muon") for group in optimizer.param_groups) else []
+            needs = "need a scheduler that multiplies every group's rate and keeps its momentum (warmup_decay, cosine)"
+            raise UserError(f"parameter groups with rates of their own ({', '.join(own)}) {needs}, not onecycle")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **settings}}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
