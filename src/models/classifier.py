@@ -2,7 +2,6 @@
 and normalization are arguments saved in the checkpoint, so a checkpoint is usable alone. `validation_step` and
 `test_step` return `{"logits": ...}` (callbacks' `outputs`); `predict_step(images)` gives probabilities."""
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
 from torchmetrics import MetricCollection
 from torchmetrics import classification as tmc
 from torchmetrics.utilities import dim_zero_cat
@@ -62,21 +62,16 @@ class MuonSGD(torch.optim.SGD):
     One optimizer, because Lightning's automatic optimization steps one; torch.optim.Muon takes only 2-D weights."""
 
     def __init__(self, params: Any, muon_lr: float, muon_momentum: float, ns_steps: int = 3, **sgd: Any) -> None:
-        groups = list(params)
-        groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
-        split = []
+        super().__init__(params, **sgd)  # torch's own reading of params (tensors, groups), then each group split
+        groups, self.param_groups = self.param_groups, []
+        muon = {"lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0, "muon": True, "ns_steps": ns_steps}
         for group in groups:
-            params = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
-            split.append({**group, "params": [p for p in params if p.ndim != 4]})
-            filters = [p for p in params if p.ndim == 4]
-            split.append({**group, "params": filters, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0})
-            split[-1].update(muon=True, ns_steps=ns_steps)
-        super().__init__([group for group in split if group["params"]], **sgd)
+            for filters in (False, True):
+                if params := [p for p in group["params"] if (p.ndim == 4) == filters]:
+                    self.add_param_group({**group, "params": params, **(muon if filters else {})})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -257,16 +252,12 @@ class ClassifierModule(L.LightningModule):
         settings = dict(self.hparams.lr_scheduler or {})
         steps_key = settings.pop("total_steps_key", None)
         steps = {steps_key: self.trainer.estimated_stepping_batches} if steps_key else {}
-        before = [(group["lr"], group.get("momentum")) for group in optimizer.param_groups]
+        before = {(group["lr"], group.get("momentum")) for group in optimizer.param_groups}
         try:
             scheduler = self.scheduler(optimizer=optimizer, **steps)
         except ZeroDivisionError as e:  # OneCycleLR's phases need a few steps each
             raise UserError(f"the scheduler needs more training steps than {steps} ({e})") from e
-        now = [(group["lr"], group.get("momentum")) for group in optimizer.param_groups]
-        (b0, _), (n0, _) = before[0], now[0]
-        multiplied = all(math.isclose(n * b0, n0 * b, rel_tol=1e-6) for (n, _), (b, _) in zip(now, before, strict=True))
-        momenta = [m for _, m in before]
-        if not multiplied or (len(set(momenta)) > 1 and [m for _, m in now] != momenta):  # onecycle sets both
+        if len(before) > 1 and len({(g["lr"], g.get("momentum")) for g in optimizer.param_groups}) == 1:  # onecycle
             own = [f"norm_lr_scale={scale}"] if scale != 1.0 else []
             own += ["muon_lr"] if any(group.get("muon") for group in optimizer.param_groups) else []
             needs = "need a scheduler that multiplies every group's rate and keeps its momentum (warmup_decay, cosine)"
