@@ -58,11 +58,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps after the first")
     args = parser.parse_args()
     # A first compile, as a user's run pays it: Inductor's on-disk cache would otherwise serve an earlier run's code.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_speed-")
+    with tempfile.TemporaryDirectory(prefix="compile_speed-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        measure_all(args.steps)
+
+
+def measure_all(steps: int) -> None:
     print(f"{'case':40}{'eager first':>12}{'eager img/s':>12}{'compiled first':>15}{'compiled img/s':>15}  pays after")
     for name, shape, batch, bf16 in CASES:
-        eager_first, eager = measure(name, shape, batch, bf16, False, args.steps)
-        compiled_first, compiled = measure(name, shape, batch, bf16, True, args.steps)
+        eager_first, eager = measure(name, shape, batch, bf16, False, steps)
+        compiled_first, compiled = measure(name, shape, batch, bf16, True, steps)
         saved = batch / eager - batch / compiled  # seconds saved per step
         pays = f"{(compiled_first - eager_first) / saved:,.0f} steps" if saved > 0 else "never"
         case = f"{name} {'x'.join(map(str, shape))} batch {batch}{' bf16' if bf16 else ''}"
