@@ -29,18 +29,39 @@ def fashion(data_dir, **kwargs) -> FashionMNISTDataModule:
     return dm
 
 
-@pytest.mark.parametrize("mode", ["constant", "reflect"])
-def test_random_crop_is_a_window_of_the_zero_or_mirror_padded_image_and_uses_every_offset(mode):
-    images = torch.randint(1, 256, (400, 3, 8, 6), dtype=torch.uint8)
-    out = random_crop(images, padding=2, mode=mode)
+@pytest.mark.parametrize(("mode", "size"), [("constant", None), ("reflect", None), ("reflect", 4)])
+def test_random_crop_is_a_window_of_the_zero_or_mirror_padded_image_and_uses_every_offset(mode, size):
+    images = torch.randint(1, 256, (600, 3, 8, 6), dtype=torch.uint8)
+    out = random_crop(images, padding=2, mode=mode, size=size)
+    h, w = (8, 6) if size is None else (size, size)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode=mode)
+    windows = [(top, left) for top in range(12 - h + 1) for left in range(10 - w + 1)]
     offsets = set()
     for i in range(len(images)):
-        windows = [(top, left) for top in range(5) for left in range(5)]
-        found = [(t, x) for t, x in windows if torch.equal(out[i], padded[i, :, t : t + 8, x : x + 6])]
+        found = [(t, x) for t, x in windows if torch.equal(out[i], padded[i, :, t : t + h, x : x + w])]
         assert found, f"image {i} is not a crop of its padded image"
         offsets.add(found[0])
-    assert len(offsets) == 25  # all (2 * padding + 1) ** 2 windows are drawn
+    assert len(offsets) == len(windows)  # every window is drawn: 25 of the whole image, 63 of a 4x4 crop
+
+
+def test_early_crops_train_the_first_epochs_on_smaller_windows_then_whole_images(tmp_path):
+    from src.data import DataError
+
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    dm = fashion(tmp_path, in_memory=True, crop_padding=2, early_crop=20, early_crop_epochs=2)
+    batch = next(iter(dm.train_dataloader()))
+
+    def side(epoch: int, training: bool = True) -> int:
+        dm.trainer = SimpleNamespace(training=training, current_epoch=epoch)
+        return dm.on_after_batch_transfer(list(batch), 0)[0].shape[-1]
+
+    assert [side(0), side(1), side(2), side(5), side(0, training=False)] == [20, 20, 28, 28, 28]
+    with pytest.raises(DataError, match="early_crop_epochs=2 needs dataset.early_crop"):
+        fashion(tmp_path, early_crop_epochs=2)
+    with pytest.raises(DataError, match="early_crop needs the in-memory path"):
+        fashion(tmp_path, in_memory=False, early_crop=20, early_crop_epochs=2)
+    with pytest.raises(DataError, match="early_crop=33 is larger than the padded 28x28 images"):
+        fashion(tmp_path, crop_padding=2, early_crop=33, early_crop_epochs=2)
 
 
 def test_horizontal_flip_mirrors_about_half_the_images_and_nothing_else():

@@ -96,6 +96,32 @@ def test_val_and_test_steps_average_the_logits_of_the_views(tmp_path, tta, stage
         assert not torch.allclose(expected, torch.cat([module(x) for x, _ in loader]))
 
 
+def test_val_tta_takes_tta_s_place_in_validation_only(tmp_path):
+    module = ClassifierModule(
+        tiny_module().net, list("abc"), (3, 8, 8), config={"tta": "mirror", "val_tta": "none"}
+    )  # fmt: skip
+    assert (module.tta, module.val_tta) == ("mirror", "none")
+    assert ClassifierModule(torch.nn.Flatten(), ["a", "b"], (1, 2, 2), config={"tta": "mirror"}).val_tta == "mirror"
+    logits = {}
+
+    class Collect(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            logits.setdefault("validate", []).append(outputs["logits"])
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            logits.setdefault("test", []).append(outputs["logits"])
+
+    loader = tiny_loader()
+    for stage in ("validate", "test"):
+        getattr(tiny_trainer(tmp_path, [Collect()]), stage)(module, loader, verbose=False)
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(logits["validate"]), torch.cat([module(x) for x, _ in loader]))
+        torch.testing.assert_close(
+            torch.cat(logits["test"]), torch.cat([hand_tta(module, x, "mirror") for x, _ in loader])
+        )
+
+
 def test_training_step_sees_only_the_plain_image():
     module = tiny_module("mirror_translate").train()
     seen = []
@@ -108,8 +134,10 @@ def test_training_step_sees_only_the_plain_image():
 
 @pytest.mark.parametrize("value", ["flip", None, "Mirror"])
 def test_unknown_tta_is_a_user_error_naming_tta(value):
-    with pytest.raises(UserError, match="tta="):
+    with pytest.raises(UserError, match="^tta="):
         ClassifierModule(torch.nn.Flatten(), ["a", "b"], (1, 2, 2), config={"tta": value})
+    with pytest.raises(UserError, match="^val_tta="):
+        ClassifierModule(torch.nn.Flatten(), ["a", "b"], (1, 2, 2), config={"val_tta": "flip"})
 
 
 def test_tta_comes_from_the_run_config_by_default():
@@ -413,7 +441,8 @@ def test_recipes_run_end_to_end_on_tiny_data(compose_cfg, tmp_path, recipe):
     data = tmp_path / "data"
     if recipe == "fast_cifar10":
         write_cifar_batches(data, per_batch=40)
-        dataset, shrink = "cifar10", ["model.widths=[8,16,16]"]
+        # with the first epoch on 24x24 crops: the net pools globally, the second epoch sees whole images
+        dataset, shrink = "cifar10", ["model.widths=[8,16,16]", "dataset.early_crop=24", "dataset.early_crop_epochs=1"]
     else:
         dataset = "mnist" if recipe == "fast_mnist" else "fashion_mnist"
         write_idx(data / ("MNIST" if dataset == "mnist" else "FashionMNIST") / "raw", n_train=200)

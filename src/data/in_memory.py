@@ -107,13 +107,14 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62
 
 
-def random_crop(images: torch.Tensor, padding: int, mode: str = "constant") -> torch.Tensor:
+def random_crop(images: torch.Tensor, padding: int, mode: str = "constant", size: int | None = None) -> torch.Tensor:
     """Each image shifted by its own offset in [-padding, padding] per axis, the border zero-filled or mirrored
     (RandomCrop's padding_mode "constant" or "reflect"); channels-last."""
-    (b, _, h, w), device = images.shape, images.device
+    (b, _, height, width), device = images.shape, images.device
+    h, w = (height, width) if size is None else (size, size)
     padded = F.pad(images, (padding,) * 4, mode=mode).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
-    top = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
-    left = torch.randint(0, 2 * padding + 1, (b, 1, 1), device=device)
+    top = torch.randint(0, height - h + 2 * padding + 1, (b, 1, 1), device=device)
+    left = torch.randint(0, width - w + 2 * padding + 1, (b, 1, 1), device=device)
     rows = torch.arange(h, device=device).view(1, h, 1) + top
     cols = torch.arange(w, device=device).view(1, 1, w) + left
     return padded[torch.arange(b, device=device).view(b, 1, 1), rows, cols].permute(0, 3, 1, 2)
@@ -146,14 +147,19 @@ class BatchAugment:
         hflip: bool = False,
         rotation: float = 0.0,
         crop_padding_mode: str = "constant",
+        early_crop: int | None = None,
+        early_crop_epochs: int = 0,
     ) -> None:
+        self.early_crop, self.early_crop_epochs, self.epoch = early_crop, early_crop_epochs, 0
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
         self.crop_padding, self.padding_mode = crop_padding, crop_padding_mode
         self.hflip, self.rotation = hflip, rotation
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.crop_padding:
+        if train and self.early_crop and self.epoch < self.early_crop_epochs:
+            images = random_crop(images, self.crop_padding, self.padding_mode, self.early_crop)
+        elif train and self.crop_padding:
             images = random_crop(images, self.crop_padding, self.padding_mode)
         if train and self.hflip:
             images = random_hflip(images)
@@ -202,7 +208,15 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
             return TensorImages(*source, indices)
         dm, mirrored = self.dm, None
         flip = dm.hflip is True  # "alternate" flips in TensorImages, by epoch
-        self.augment = BatchAugment(*dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode)
+        self.augment = BatchAugment(
+            *dm.normalization(),
+            dm.crop_padding,
+            flip,
+            dm.rotation,
+            dm.crop_padding_mode,
+            dm.early_crop,
+            dm.early_crop_epochs,
+        )
         if dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
             mirrored = torch.rand(len(source[0]), generator=torch.Generator().manual_seed(dm.seed)) < 0.5
         return TensorImages(*source, indices, mirrored)
@@ -220,4 +234,5 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
 
     def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.augment is not None, "call setup() first"
+        self.augment.epoch = self.dm.trainer.current_epoch if self.dm.trainer else 0
         return self.augment(batch[0], train=train), batch[1]

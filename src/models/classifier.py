@@ -126,8 +126,12 @@ class ClassifierModule(L.LightningModule):
         self.hparams.mean, self.hparams.std = (per_channel(v, int(input_shape[0])) for v in (mean, std))
         self.channels_last = channels_last
         self.tta = (config or {}).get("tta", "none") if tta is None else tta
-        if self.tta not in TTA_CHOICES:
-            raise UserError(f"tta={self.tta!r} is not a test-time augmentation; choose one of {', '.join(TTA_CHOICES)}")
+        self.val_tta = (config or {}).get("val_tta") or self.tta  # null: as tta
+        for key, value in (("tta", self.tta), ("val_tta", self.val_tta)):
+            if value not in TTA_CHOICES:
+                raise UserError(
+                    f"{key}={value!r} is not a test-time augmentation; choose one of {', '.join(TTA_CHOICES)}"
+                )
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.example_input_array = torch.zeros(1, *input_shape)  # the model summary's sizes and FLOPs
         if compile:
@@ -200,7 +204,7 @@ class ClassifierModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = tta_logits(self, x, self.tta)
+        logits = tta_logits(self, x, self.val_tta if stage == "val" else self.tta)
         self.eval_metrics[stage].update(logits, y)
         self.log(f"{stage}/loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
         return {"logits": logits.detach()}
