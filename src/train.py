@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from src.utils.command import entry_point
+from src.utils.errors import UserError
 
 
 def build_module(cfg: DictConfig, datamodule: Any) -> Any:
@@ -35,6 +36,22 @@ def build_module(cfg: DictConfig, datamodule: Any) -> Any:
     )
 
 
+def check_early_crops(net: Any, datamodule: Any) -> None:
+    """A net that cannot take the early crops (one that flattens, not pools, its features) would fail at its first
+    step with a shape error: say so before fitting."""
+    import torch
+
+    side, training = datamodule.early_crop, net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, datamodule.input_shape[0], side, side))
+    except RuntimeError as e:
+        needs = "early crops need a net that pools globally (model=airbench, bn_convnet)"
+        raise UserError(f"dataset.early_crop={side}: this model cannot take {side}x{side} images; {needs}") from e
+    finally:
+        net.train(training)
+
+
 def train(cfg: DictConfig) -> float:
     """Fit, validate and test the best checkpoint; return `cfg.optimized_metric` (for sweepers)."""
     import lightning as L  # here, not at the top: --help and config errors answer without torch
@@ -55,6 +72,8 @@ def train(cfg: DictConfig) -> float:
         datamodule.prepare_data()
         datamodule.setup("fit")  # the model's shape and classes come from the data
         module = build_module(cfg, datamodule)
+        if getattr(datamodule, "early_crop_epochs", 0):
+            check_early_crops(module.net, datamodule)
         extra: dict[str, float] = {}
         if cfg.lr_find and cfg.ckpt_path is None:  # a resumed run keeps the learning rate it had
             finder = build_trainer(cfg, only=("progress_bar",))

@@ -89,6 +89,25 @@ def test_calibrate_fits_a_temperature_on_val_and_stores_it_in_the_best_checkpoin
     assert float(last.get("temperature", torch.ones(()))) == 1.0
 
 
+def test_calibrate_fits_the_temperature_on_the_views_test_averages_not_val_s(tmp_path):
+    from src.runs.tuning import CollectLogits, calibrate
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten())  # not mirror-symmetric
+    module = ClassifierModule(net, list("abc"), (1, 6, 6), config={"tta": "mirror", "val_tta": "none"})
+    x, y = torch.randn(8, 1, 6, 6), torch.arange(8) % 3
+    data = L.LightningDataModule.from_datasets(val_dataset=TensorDataset(x, y), batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[collect := CollectLogits()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    calibrate(trainer, module, data)
+    with torch.no_grad():
+        mirror, plain = 0.5 * net(x) + 0.5 * net(x.flip(-1)), net(x)
+    torch.testing.assert_close(torch.cat(collect.logits), mirror)
+    assert not torch.allclose(mirror, plain) and module.val_tta == "none"  # and val keeps its own views after
+
+
 def test_lr_find_trains_with_the_finders_suggestion_and_draws_its_curve(compose_cfg, tmp_path):
     write_idx(tmp_path / "more", n_train=1000)  # the finder takes 100 steps and needs a curve to read
     overrides = [*offline_dataset("fashion_mnist", tmp_path / "more"), "model=mlp", *FAST, *NO_FIGURES, "lr_find=true"]

@@ -31,6 +31,7 @@ def fashion(data_dir, **kwargs) -> FashionMNISTDataModule:
 
 @pytest.mark.parametrize(("mode", "size"), [("constant", None), ("reflect", None), ("reflect", 4)])
 def test_random_crop_is_a_window_of_the_zero_or_mirror_padded_image_and_uses_every_offset(mode, size):
+    torch.manual_seed(0)
     images = torch.randint(1, 256, (600, 3, 8, 6), dtype=torch.uint8)
     out = random_crop(images, padding=2, mode=mode, size=size)
     h, w = (8, 6) if size is None else (size, size)
@@ -56,12 +57,14 @@ def test_early_crops_train_the_first_epochs_on_smaller_windows_then_whole_images
         return dm.on_after_batch_transfer(list(batch), 0)[0].shape[-1]
 
     assert [side(0), side(1), side(2), side(5), side(0, training=False)] == [20, 20, 28, 28, 28]
-    with pytest.raises(DataError, match="early_crop_epochs=2 needs dataset.early_crop"):
+    with pytest.raises(DataError, match="early_crop_epochs=2 needs dataset.early_crop, the crops' side"):
         fashion(tmp_path, early_crop_epochs=2)
-    with pytest.raises(DataError, match="early_crop needs the in-memory path"):
+    with pytest.raises(DataError, match="early_crop_epochs=-1 needs"):
+        fashion(tmp_path, early_crop=20, early_crop_epochs=-1)
+    with pytest.raises(DataError, match="early_crop_epochs needs the in-memory path.*or dataset.early_crop_epochs=0"):
         fashion(tmp_path, in_memory=False, early_crop=20, early_crop_epochs=2)
-    with pytest.raises(DataError, match="early_crop=33 is larger than the padded 28x28 images"):
-        fashion(tmp_path, crop_padding=2, early_crop=33, early_crop_epochs=2)
+    with pytest.raises(DataError, match="early_crop=28 must be smaller than the 28x28 images"):
+        fashion(tmp_path, crop_padding=2, early_crop=28, early_crop_epochs=2)
 
 
 def test_horizontal_flip_mirrors_about_half_the_images_and_nothing_else():

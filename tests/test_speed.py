@@ -116,7 +116,9 @@ def test_val_tta_takes_tta_s_place_in_validation_only(tmp_path):
         getattr(tiny_trainer(tmp_path, [Collect()]), stage)(module, loader, verbose=False)
     module.eval()
     with torch.no_grad():
-        torch.testing.assert_close(torch.cat(logits["validate"]), torch.cat([module(x) for x, _ in loader]))
+        plain = torch.cat([module(x) for x, _ in loader])
+        torch.testing.assert_close(torch.cat(logits["validate"]), plain)
+        assert not torch.allclose(torch.cat(logits["test"]), plain)
         torch.testing.assert_close(
             torch.cat(logits["test"]), torch.cat([hand_tta(module, x, "mirror") for x, _ in loader])
         )
@@ -453,6 +455,15 @@ def test_recipes_run_end_to_end_on_tiny_data(compose_cfg, tmp_path, recipe):
     train(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_early_crops_for_a_net_that_flattens_are_one_user_error_before_fitting(compose_cfg, tmp_path):
+    write_idx(tmp_path / "data" / "FashionMNIST" / "raw", n_train=80)
+    crops = ["dataset.early_crop=20", "dataset.early_crop_epochs=1"]
+    overrides = [*offline_dataset("fashion_mnist", tmp_path / "data"), *FAST, *NO_FIGURES, "model=cnn2", *crops]
+    with pytest.raises(UserError, match="early_crop=20: this model cannot take 20x20 images; early crops need a net"):
+        train(compose_cfg(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before fitting
 
 
 @pytest.mark.parametrize(

@@ -69,8 +69,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             raise DataError(f"dataset.hflip must be true, false or alternate, got {hflip!r}")
         if crop_padding_mode not in ("constant", "reflect"):
             raise DataError(f"dataset.crop_padding_mode must be constant or reflect, got {crop_padding_mode!r}")
-        if early_crop_epochs and not (early_crop and early_crop > 0):
-            raise DataError(f"dataset.early_crop_epochs={early_crop_epochs} needs dataset.early_crop: the crops' side")
+        if early_crop_epochs < 0 or (early_crop_epochs and not (early_crop and early_crop > 0)):
+            raise DataError(f"dataset.early_crop_epochs={early_crop_epochs} needs dataset.early_crop, the crops' side")
         if batch_size < 1:
             raise DataError(f"dataset.batch_size must be at least 1, got {batch_size}")
         if (folds, fold) != (None, None) and (folds is None or folds < 2):
@@ -162,20 +162,20 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.path is None:
             memory = self.in_memory is True or (self.in_memory == "auto" and InMemoryPath.fits(self.decoded_bytes()))
-            batch_only = (
-                "hflip=alternate" if self.hflip == "alternate" else "early_crop" if self.early_crop_epochs else ""
-            )
+            batch_only = "hflip=alternate" if self.hflip == "alternate" else ""
+            batch_only = batch_only or ("early_crop_epochs" if self.early_crop_epochs else "")
             if batch_only and not memory and stage in (None, "fit"):
+                off = "hflip=true" if batch_only == "hflip=alternate" else "early_crop_epochs=0"
                 raise DataError(
                     f"dataset.{batch_only} needs the in-memory path, which dataset.in_memory={self.in_memory} did "
-                    "not pick: set dataset.in_memory=true"
+                    f"not pick: set dataset.in_memory=true, or dataset.{off}"
                 )
             self.path = InMemoryPath(self) if memory else PerSamplePath(self)
         if self.train_set is None:
             source, labels, self.class_names = self.path.read(train=True)
-            if self.early_crop_epochs and self.early_crop > min(self.input_shape[1:]) + 2 * self.crop_padding:
+            if self.early_crop_epochs and self.early_crop >= min(self.input_shape[1:]):
                 h, w = self.input_shape[1:]
-                raise DataError(f"dataset.early_crop={self.early_crop} is larger than the padded {h}x{w} images")
+                raise DataError(f"dataset.early_crop={self.early_crop} must be smaller than the {h}x{w} images")
             self.check_labels(labels, train=True)
             train_idx, val_idx = self.split_indices(len(labels))
             self.train_set = self.path.view(source, train_idx, train=True)

@@ -109,7 +109,8 @@ def available_memory(device: torch.device) -> int:
 
 def random_crop(images: torch.Tensor, padding: int, mode: str = "constant", size: int | None = None) -> torch.Tensor:
     """Each image shifted by its own offset in [-padding, padding] per axis, the border zero-filled or mirrored
-    (RandomCrop's padding_mode "constant" or "reflect"); channels-last."""
+    (RandomCrop's padding_mode "constant" or "reflect"); channels-last. `size`: a random size x size window of the
+    padded image instead."""
     (b, _, height, width), device = images.shape, images.device
     h, w = (height, width) if size is None else (size, size)
     padded = F.pad(images, (padding,) * 4, mode=mode).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
@@ -150,17 +151,16 @@ class BatchAugment:
         early_crop: int | None = None,
         early_crop_epochs: int = 0,
     ) -> None:
-        self.early_crop, self.early_crop_epochs, self.epoch = early_crop, early_crop_epochs, 0
+        self.early_crop, self.early_crop_epochs = early_crop, early_crop_epochs
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
         self.crop_padding, self.padding_mode = crop_padding, crop_padding_mode
         self.hflip, self.rotation = hflip, rotation
 
-    def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.early_crop and self.epoch < self.early_crop_epochs:
-            images = random_crop(images, self.crop_padding, self.padding_mode, self.early_crop)
-        elif train and self.crop_padding:
-            images = random_crop(images, self.crop_padding, self.padding_mode)
+    def __call__(self, images: torch.Tensor, train: bool, epoch: int = 0) -> torch.Tensor:
+        size = self.early_crop if epoch < self.early_crop_epochs else None
+        if train and (self.crop_padding or size):
+            images = random_crop(images, self.crop_padding, self.padding_mode, size)
         if train and self.hflip:
             images = random_hflip(images)
         images = images.float()
@@ -234,5 +234,5 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
 
     def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.augment is not None, "call setup() first"
-        self.augment.epoch = self.dm.trainer.current_epoch if self.dm.trainer else 0
-        return self.augment(batch[0], train=train), batch[1]
+        epoch = self.dm.trainer.current_epoch if self.dm.trainer else 0
+        return self.augment(batch[0], train=train, epoch=epoch), batch[1]

@@ -29,12 +29,7 @@ NOT_SETTINGS = ("hydra.", "resume=", "ckpt_path=", "paths.output_dir=", "trusted
 SHOWN_OR_SPEED = ("trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar", "compile")
 RESUMABLE_CHANGES = ("trainer.max_epochs", *SHOWN_OR_SPEED)
 # Settings added since a run may have started, at the value that computes what the run did without them.
-ADDED_SETTINGS = {
-    "dataset.crop_padding_mode": "constant",
-    "dataset.early_crop": None,
-    "dataset.early_crop_epochs": 0,
-    "val_tta": None,
-}
+ADDED_SETTINGS = {"dataset.crop_padding_mode": "constant", "dataset.early_crop_epochs": 0}
 
 
 def build_trainer(cfg: DictConfig, only: tuple[str, ...] | None = None, extra: Sequence[L.Callback] = ()) -> L.Trainer:

@@ -71,7 +71,11 @@ def calibrate(trainer: L.Trainer, module: ClassifierModule, datamodule: L.Lightn
         raise UserError("calibrate=true runs on one device: add trainer.devices=1 (or calibrate a checkpoint later)")
     collect = next(c for c in trainer.callbacks if isinstance(c, CollectLogits))
     module.temperature.fill_(1.0)
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    val_tta, module.val_tta = module.val_tta, module.tta  # fitted on the logits it will divide: test's views
+    try:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        module.val_tta = val_tta
     temperature, before, after = fit_temperature(torch.cat(collect.logits), torch.cat(collect.labels))
     module.temperature.fill_(temperature)
     keys = ("calibration/temperature", "calibration/val_nll_before", "calibration/val_nll_after")
