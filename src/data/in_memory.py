@@ -148,19 +148,16 @@ class BatchAugment:
         hflip: bool = False,
         rotation: float = 0.0,
         crop_padding_mode: str = "constant",
-        early_crop: int | None = None,
-        early_crop_epochs: int = 0,
     ) -> None:
-        self.early_crop, self.early_crop_epochs = early_crop, early_crop_epochs
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
         self.crop_padding, self.padding_mode = crop_padding, crop_padding_mode
         self.hflip, self.rotation = hflip, rotation
 
-    def __call__(self, images: torch.Tensor, train: bool, epoch: int = 0) -> torch.Tensor:
-        size = self.early_crop if epoch < self.early_crop_epochs else None
-        if train and (self.crop_padding or size):
-            images = random_crop(images, self.crop_padding, self.padding_mode, size)
+    def __call__(self, images: torch.Tensor, train: bool, crop_size: int | None = None) -> torch.Tensor:
+        """`crop_size`: train on random windows of that side (`random_crop`'s `size`)."""
+        if train and (self.crop_padding or crop_size):
+            images = random_crop(images, self.crop_padding, self.padding_mode, crop_size)
         if train and self.hflip:
             images = random_hflip(images)
         images = images.float()
@@ -208,15 +205,7 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
             return TensorImages(*source, indices)
         dm, mirrored = self.dm, None
         flip = dm.hflip is True  # "alternate" flips in TensorImages, by epoch
-        self.augment = BatchAugment(
-            *dm.normalization(),
-            dm.crop_padding,
-            flip,
-            dm.rotation,
-            dm.crop_padding_mode,
-            dm.early_crop,
-            dm.early_crop_epochs,
-        )
+        self.augment = BatchAugment(*dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode)
         if dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
             mirrored = torch.rand(len(source[0]), generator=torch.Generator().manual_seed(dm.seed)) < 0.5
         return TensorImages(*source, indices, mirrored)
@@ -234,5 +223,6 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
 
     def after_transfer(self, batch: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.augment is not None, "call setup() first"
-        epoch = self.dm.trainer.current_epoch if self.dm.trainer else 0
-        return self.augment(batch[0], train=train, epoch=epoch), batch[1]
+        dm = self.dm
+        early = (dm.trainer.current_epoch if dm.trainer else 0) < dm.early_crop_epochs  # dataset.early_crop
+        return self.augment(batch[0], train=train, crop_size=dm.early_crop if early else None), batch[1]
