@@ -22,6 +22,7 @@ from torchvision import transforms as T
 from benchmarks import throughput
 from src.data.mnist import FashionMNISTDataModule
 from src.models.classifier import ClassifierModule
+from src.runs.record import skip_missing_nvml
 from src.utils.command import keep_freed_memory
 
 BATCH = 64
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (or is staged)")
     args = parser.parse_args()
     keep_freed_memory()
+    skip_missing_nvml()  # for every path: importing Lightning set it for the whole process
     torch.manual_seed(0)
     FashionMNISTDataModule(data_dir=args.data_dir, local_copies=["/usr/share/datasets/fashion-mnist"]).prepare_data()
     seed_data = datasets.FashionMNIST(args.data_dir, train=True, transform=T.ToTensor())

@@ -45,7 +45,7 @@ from torchvision import transforms as T
 
 from benchmarks.bare_lightning import BareModule
 from src.data.mnist import FashionMNISTDataModule
-from src.runs.record import build_trainer
+from src.runs.record import build_trainer, skip_missing_nvml
 from src.train import build_module
 from src.utils.command import keep_freed_memory
 
@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="where Fashion-MNIST is (or is staged)")
     args = parser.parse_args()
     keep_freed_memory()
+    skip_missing_nvml()  # for every path: importing Lightning set it for the whole process
     torch.manual_seed(0)
     rows = [*fashion_cases(args.data_dir, args.steps, args.rounds), cifar_case(args.steps, args.rounds)]
     header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(l) Lightning", "(c) ours", "c/a", "c/b", "c/b'", "c/l"]

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import dead_pid, model_batch, write_idx, write_image, write_image_folder
+from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -65,6 +66,20 @@ def test_early_crops_train_the_first_epochs_on_smaller_windows_then_whole_images
         fashion(tmp_path, in_memory=False, early_crop=20, early_crop_epochs=2)
     with pytest.raises(DataError, match="early_crop=28 must be smaller than the 28x28 images"):
         fashion(tmp_path, crop_padding=2, early_crop=28, early_crop_epochs=2)
+
+
+def test_early_resize_trains_the_first_epochs_on_the_whole_images_scaled_down(tmp_path):
+    write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
+    dm = fashion(tmp_path, in_memory=True, early_crop=14, early_crop_epochs=1, early_resize=True)
+    x, y = next(iter(dm.train_dataloader()))
+    dm.trainer = SimpleNamespace(training=True, current_epoch=0)
+    early = dm.on_after_batch_transfer([x, y], 0)[0]
+    dm.trainer.current_epoch = 1
+    later = dm.on_after_batch_transfer([x, y], 0)[0]
+    # No translation here, so the early batch is exactly the later one scaled to 14x14 (normalizing is affine).
+    scaled = F.interpolate(later, size=(14, 14), mode="bilinear", antialias=True)
+    assert early.shape[-2:] == (14, 14) and later.shape[-2:] == (28, 28)
+    torch.testing.assert_close(early, scaled, atol=1e-4, rtol=1e-4)
 
 
 def test_horizontal_flip_mirrors_about_half_the_images_and_nothing_else():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -505,3 +506,33 @@ def test_recipes_resolve_their_precision_for_the_machine(compose_cfg, monkeypatc
     expected = "bf16-mixed" if recipe == "fast_cifar10_gpu" else "32-true"
     assert compose_cfg(overrides).trainer.precision == expected
     assert compose_cfg([*overrides, "trainer.precision=16-mixed"]).trainer.precision == "16-mixed"
+
+
+def test_a_run_without_a_profiler_wraps_no_hook_in_one_and_debug_profiler_still_profiles(compose_cfg, tmp_path):
+    from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+
+    from src.runs.record import build_trainer
+
+    plain = build_trainer(compose_cfg([f"paths.output_dir={tmp_path}"])).profiler
+    assert isinstance(plain, PassThroughProfiler) and not hasattr(plain.profile("hook"), "gen")  # no generator
+    with plain.profile("hook") as name:
+        assert name == "hook"
+    profiled = build_trainer(compose_cfg([f"paths.output_dir={tmp_path}", "debug=profiler"]))
+    assert isinstance(profiled.profiler, SimpleProfiler)
+
+
+@pytest.mark.parametrize("nvml", [True, False])
+def test_cuda_checks_skip_nvml_only_where_it_cannot_be_loaded(monkeypatch, nvml):
+    import ctypes
+
+    from src.runs.record import skip_missing_nvml
+
+    def load(name: str) -> object:
+        if not nvml:
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    skip_missing_nvml()
+    assert (os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1") is nvml

@@ -305,7 +305,7 @@ def test_a_setting_added_since_a_run_began_differs_only_from_the_behaviour_the_r
 
     saved = checkpoint_hparams(fashion_run.last)["config"]
     del saved["dataset"]["crop_padding_mode"]  # a run from before the setting existed: it padded with zeros
-    for old in ("early_crop", "early_crop_epochs"):  # ... and trained on whole images,
+    for old in ("early_crop", "early_crop_epochs", "early_resize"):  # ... and trained on whole images,
         del saved["dataset"][old]
     del saved["val_tta"]  # validating with tta's views
     assert differing_settings(compose_cfg(fashion_run.overrides), saved) == []

@@ -58,6 +58,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         crop_padding_mode: str = "constant",
         early_crop: int | None = None,
         early_crop_epochs: int = 0,
+        early_resize: bool = False,
         in_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
@@ -82,7 +83,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.mean, self.std, self.in_memory = tuple(mean), tuple(std), in_memory
         self.hflip, self.rotation = hflip, rotation
         self.crop_padding, self.crop_padding_mode = crop_padding, crop_padding_mode
-        self.early_crop, self.early_crop_epochs = early_crop, early_crop_epochs
+        self.early_crop, self.early_crop_epochs, self.early_resize = early_crop, early_crop_epochs, early_resize
         self.path: DataPath | None = None  # chosen once, by setup()
         self.class_names: list[str] = []
         self.input_shape: tuple[int, int, int] = (0, 0, 0)

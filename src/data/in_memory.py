@@ -148,19 +148,24 @@ class BatchAugment:
         hflip: bool = False,
         rotation: float = 0.0,
         crop_padding_mode: str = "constant",
+        early_resize: bool = False,
     ) -> None:
         self.scale = torch.tensor([1 / (255 * s) for s in std]).view(1, -1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
         self.crop_padding, self.padding_mode = crop_padding, crop_padding_mode
-        self.hflip, self.rotation = hflip, rotation
+        self.hflip, self.rotation, self.early_resize = hflip, rotation, early_resize
 
     def __call__(self, images: torch.Tensor, train: bool, crop_size: int | None = None) -> torch.Tensor:
-        """`crop_size`: train on random windows of that side (`random_crop`'s `size`)."""
-        if train and (self.crop_padding or crop_size):
-            images = random_crop(images, self.crop_padding, self.padding_mode, crop_size)
+        """`crop_size`: train on smaller images of that side: random windows (`random_crop`'s `size`), or with
+        `early_resize` the whole (translated) images scaled down, as progressive resizing does."""
+        window = None if self.early_resize else crop_size
+        if train and (self.crop_padding or window):
+            images = random_crop(images, self.crop_padding, self.padding_mode, window)
         if train and self.hflip:
             images = random_hflip(images)
         images = images.float()
+        if train and crop_size and self.early_resize:
+            images = F.interpolate(images, size=(crop_size, crop_size), mode="bilinear", antialias=True)
         if train and self.rotation:  # each image by its own angle in [-rotation, rotation]
             images = rotate(images, (torch.rand(len(images), device=images.device) * 2 - 1) * self.rotation)
         if self.scale.device != images.device:
@@ -205,7 +210,9 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
             return TensorImages(*source, indices)
         dm, mirrored = self.dm, None
         flip = dm.hflip is True  # "alternate" flips in TensorImages, by epoch
-        self.augment = BatchAugment(*dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode)
+        self.augment = BatchAugment(
+            *dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode, dm.early_resize
+        )
         if dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
             mirrored = torch.rand(len(source[0]), generator=torch.Generator().manual_seed(dm.seed)) < 0.5
         return TensorImages(*source, indices, mirrored)
