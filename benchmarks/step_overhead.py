@@ -13,6 +13,7 @@ closure, hook calls).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from torch import nn
@@ -69,7 +70,8 @@ def main() -> None:
         "ours without train metrics": lambda: ours([*LINEAR, *data], args.steps, lean=True),
         "ours without metrics, callbacks, logger, bar": lambda: ours([*LINEAR, *data, *QUIET], args.steps, lean=True),
     }
-    ms = dict(zip(paths, (1000 * BATCH / v for v in throughput.rounds(paths, args.rounds)), strict=True))
+    medians = (statistics.median(v) for v in throughput.rounds(paths, args.rounds))
+    ms = dict(zip(paths, (1000 * BATCH / v for v in medians), strict=True))
     for name, value in ms.items():
         print(f"{name:48}{value:8.3f} ms/step")
     loop, full, lean, bare = ms.values()

@@ -15,8 +15,9 @@ Prints images/second and the ratios c/a, c/b, c/b' and c/l, then `worst c/l = X.
 cnn2 on Fashion-MNIST at batch 64 and 256, cnn3 on
 CIFAR-10-shaped data at batch 128 (random pixels written as CIFAR-10 pickle batches: the cost of a step does
 not depend on the content). All use Adam (lr 1e-3), fp32 and no augmentation. Steps are timed after a warm-up;
-the paths run in turn, `--rounds` times, and each figure is the median of its rounds (a CPU step's speed
-drifts with what ran before it in the process). The process starts with `keep_freed_memory()`, as
+the paths run in turn, `--rounds` times; images/s are the median of the rounds, and a ratio is the median of the
+rounds' own ratios: a CPU step's speed drifts by 10-30% with what ran before it in the process, and the paths of
+one round, measured side by side, drift together. The process starts with `keep_freed_memory()`, as
 `python -m src.train` does, so all paths get the same allocator.
 """
 
@@ -166,18 +167,23 @@ def our_path(overrides: list[str], steps: int) -> float:
     return clock.seen / (clock.end - clock.start)
 
 
-def rounds(paths: dict[str, Callable[[], float]], n: int) -> list[float]:
-    """Median images/s of each path, run in turn `n` times."""
+def rounds(paths: dict[str, Callable[[], float]], n: int) -> list[list[float]]:
+    """Images/s of each path in each of `n` rounds, the paths run in turn within a round."""
     results: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(n):
         for name, measure in paths.items():
             gc.collect()
             gc.freeze()  # what src.train does before fitting: the collector skips what setup left behind
             results[name].append(measure())
-    return [statistics.median(values) for values in results.values()]
+    return list(results.values())
 
 
-def fashion_case(seed_data: datasets.FashionMNIST, data_dir: str, batch: int, steps: int, n: int) -> list[float]:
+def ratio(ours: list[float], other: list[float]) -> float:
+    """The median over rounds of ours/other, each taken within one round."""
+    return statistics.median(c / x for c, x in zip(ours, other, strict=True))
+
+
+def fashion_case(seed_data: datasets.FashionMNIST, data_dir: str, batch: int, steps: int, n: int) -> list[list[float]]:
     images, labels = seed_data.data.unsqueeze(1), seed_data.targets
     dataset = ["dataset=fashion_mnist", f"dataset.data_dir={data_dir}", f"dataset.batch_size={batch}"]
     return rounds(
@@ -192,7 +198,7 @@ def fashion_case(seed_data: datasets.FashionMNIST, data_dir: str, batch: int, st
     )
 
 
-def fashion_cases(data_dir: str, steps: int, n: int) -> list[tuple[str, list[float]]]:
+def fashion_cases(data_dir: str, steps: int, n: int) -> list[tuple[str, list[list[float]]]]:
     FashionMNISTDataModule(data_dir=data_dir, local_copies=["/usr/share/datasets/fashion-mnist"]).prepare_data()
     seed_data = datasets.FashionMNIST(data_dir, train=True, transform=T.ToTensor())
     return [(f"cnn2 Fashion-MNIST batch {b}", fashion_case(seed_data, data_dir, b, steps, n)) for b in (64, 256)]
@@ -214,7 +220,7 @@ def write_cifar_shaped(folder: Path, n_per_batch: int) -> None:
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
 
 
-def cifar_case(steps: int, n: int) -> tuple[str, list[float]]:
+def cifar_case(steps: int, n: int) -> tuple[str, list[list[float]]]:
     batch = 128
     with tempfile.TemporaryDirectory() as root:
         write_cifar_shaped(Path(root) / "cifar-10-batches-py", n_per_batch=1000)
@@ -244,15 +250,15 @@ def main() -> None:
     rows = [*fashion_cases(args.data_dir, args.steps, args.rounds), cifar_case(args.steps, args.rounds)]
     header = ["(a) seed loop", "(b) in-memory", "(b') +NHWC", "(l) Lightning", "(c) ours", "c/a", "c/b", "c/b'", "c/l"]
     print(f"\n{'case':32}" + "".join(f"{h:>15}" for h in header[:5]) + "".join(f"{h:>7}" for h in header[5:]))
-    for name, (a, b, b_cl, lit, c) in rows:
-        print(f"{name:32}{a:15.0f}{b:15.0f}{b_cl:15.0f}{lit:15.0f}{c:15.0f}" + "".join(
-            f"{c / x:7.2f}" for x in (a, b, b_cl, lit)))  # fmt: skip
+    for name, paths in rows:
+        print(f"{name:32}" + "".join(f"{statistics.median(p):15.0f}" for p in paths) + "".join(
+            f"{ratio(paths[-1], p):7.2f}" for p in paths[:-1]))  # fmt: skip
     print(
-        f"images/second, median of {args.rounds} rounds of {args.steps} timed steps, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"images/second, median of {args.rounds} rounds of {args.steps} timed steps (ratios: median of the rounds' "
+        f"own), torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"worst c/l = {min(c / lit for _, (*_, lit, c) in rows):.2f}")
-    big = [c / b_cl for name, (_, _, b_cl, _, c) in rows if int(name.rsplit(" ", 1)[1]) >= 256]
+    print(f"worst c/l = {min(ratio(paths[4], paths[3]) for _, paths in rows):.2f}")
+    big = [ratio(paths[4], paths[2]) for name, paths in rows if int(name.rsplit(" ", 1)[1]) >= 256]
     print(f"worst c/b' at batch >= 256 = {min(big):.2f}")
 
 
