@@ -229,7 +229,8 @@ ABLATIONS = [
 # (progressive resizing), or random 24x24 windows of them. What the cheaper epochs save and cost.
 CIFAR_SCALED = ["dataset.early_crop=24", "dataset.early_crop_epochs=3", "dataset.early_resize=true"]
 CIFAR_WINDOWS = ["dataset.early_crop=24", "dataset.early_crop_epochs=3"]
-# fast_cifar10 as it was before Muon (commit 915ad6e): SGD for every parameter, batch 1,024, 10 epochs, warm-up.
+# fast_cifar10 as it was before Muon (commit 915ad6e): SGD for every parameter, batch 1,024, 10 epochs, warm-up;
+# whole images, pinned, so later recipe changes do not move it.
 CIFAR_SGD = [
     "optimizer=sgd",
     "dataset.batch_size=1024",

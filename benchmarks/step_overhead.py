@@ -4,7 +4,8 @@ model that costs almost nothing (784 -> 10 linear, Fashion-MNIST, batch 64), aga
 
     python -m benchmarks.step_overhead [--steps 1000] [--rounds 3] [--data-dir data]
 
-Prints milliseconds per step (median of the rounds, run in turn) and each part's share of the difference:
+Prints milliseconds per step (median of the rounds, the paths run in turn within a round) and each part's share
+of the difference (the median of the rounds' own differences):
 the train metrics (each step's loss and correct predictions kept, summed once an epoch), our callbacks,
 logger and progress bar, and what is left: Lightning's own loop (data fetcher, batch-transfer hooks, optimizer
 closure, hook calls).
@@ -70,15 +71,18 @@ def main() -> None:
         "ours without train metrics": lambda: ours([*LINEAR, *data], args.steps, lean=True),
         "ours without metrics, callbacks, logger, bar": lambda: ours([*LINEAR, *data, *QUIET], args.steps, lean=True),
     }
-    medians = (statistics.median(v) for v in throughput.rounds(paths, args.rounds))
-    ms = dict(zip(paths, (1000 * BATCH / v for v in medians), strict=True))
-    for name, value in ms.items():
-        print(f"{name:48}{value:8.3f} ms/step")
-    loop, full, lean, bare = ms.values()
-    print(f"\nour path costs {full - loop:.3f} ms a step more than the hand-written loop:")
-    print(f"  train metrics                      {full - lean:.3f} ms")
-    print(f"  callbacks, logger, progress bar    {lean - bare:.3f} ms")
-    print(f"  Lightning's loop and data fetching {bare - loop:.3f} ms")
+    ms = [[1000 * BATCH / v for v in values] for values in throughput.rounds(paths, args.rounds)]
+    for name, values in zip(paths, ms, strict=True):
+        print(f"{name:48}{statistics.median(values):8.3f} ms/step")
+
+    def more(x: list[float], y: list[float]) -> float:  # what x costs over y: the rounds' own differences
+        return statistics.median(a - b for a, b in zip(x, y, strict=True))
+
+    loop, full, lean, bare = ms
+    print(f"\nour path costs {more(full, loop):.3f} ms a step more than the hand-written loop:")
+    print(f"  train metrics                      {more(full, lean):.3f} ms")
+    print(f"  callbacks, logger, progress bar    {more(lean, bare):.3f} ms")
+    print(f"  Lightning's loop and data fetching {more(bare, loop):.3f} ms")
     print(f"median of {args.rounds} rounds of {args.steps} steps, batch {BATCH}, {torch.get_num_threads()} threads")
 
 

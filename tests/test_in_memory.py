@@ -70,7 +70,8 @@ def test_early_crops_train_the_first_epochs_on_smaller_windows_then_whole_images
 
 def test_early_resize_trains_the_first_epochs_on_the_whole_images_scaled_down(tmp_path):
     write_idx(tmp_path / "FashionMNIST" / "raw", n_train=80)
-    dm = fashion(tmp_path, in_memory=True, early_crop=14, early_crop_epochs=1, early_resize=True)
+    early_resize = {"in_memory": True, "early_crop": 14, "early_crop_epochs": 1, "early_resize": True}
+    dm = fashion(tmp_path, **early_resize)
     x, y = next(iter(dm.train_dataloader()))
     dm.trainer = SimpleNamespace(training=True, current_epoch=0)
     early = dm.on_after_batch_transfer([x, y], 0)[0]
@@ -80,6 +81,11 @@ def test_early_resize_trains_the_first_epochs_on_the_whole_images_scaled_down(tm
     scaled = F.interpolate(later, size=(14, 14), mode="bilinear", antialias=True)
     assert early.shape[-2:] == (14, 14) and later.shape[-2:] == (28, 28)
     torch.testing.assert_close(early, scaled, atol=1e-4, rtol=1e-4)
+    dm.trainer = SimpleNamespace(training=False, current_epoch=0)
+    assert dm.on_after_batch_transfer([x, y], 0)[0].shape[-2:] == (28, 28)  # val and test see whole images
+    translated = fashion(tmp_path, crop_padding=2, **early_resize)
+    translated.trainer = SimpleNamespace(training=True, current_epoch=0)
+    assert translated.on_after_batch_transfer([x, y], 0)[0].shape[-2:] == (14, 14)
 
 
 def test_horizontal_flip_mirrors_about_half_the_images_and_nothing_else():

@@ -508,7 +508,7 @@ def test_recipes_resolve_their_precision_for_the_machine(compose_cfg, monkeypatc
     assert compose_cfg([*overrides, "trainer.precision=16-mixed"]).trainer.precision == "16-mixed"
 
 
-def test_a_run_without_a_profiler_wraps_no_hook_in_one_and_debug_profiler_still_profiles(compose_cfg, tmp_path):
+def test_no_profiler_wraps_no_hook_in_one_and_debug_profiler_and_barebones_still_work(compose_cfg, tmp_path):
     from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
 
     from src.runs.record import build_trainer
@@ -519,6 +519,9 @@ def test_a_run_without_a_profiler_wraps_no_hook_in_one_and_debug_profiler_still_
         assert name == "hook"
     profiled = build_trainer(compose_cfg([f"paths.output_dir={tmp_path}", "debug=profiler"]))
     assert isinstance(profiled.profiler, SimpleProfiler)
+    off = ["callbacks=none", "logger=none", "trainer.enable_progress_bar=false", "++trainer.enable_checkpointing=false"]
+    off += ["trainer.enable_model_summary=false", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=null"]
+    assert build_trainer(compose_cfg([*off, "+trainer.barebones=true"])).barebones  # which refuses any profiler
 
 
 @pytest.mark.parametrize("nvml", [True, False])

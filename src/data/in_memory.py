@@ -211,7 +211,7 @@ class InMemoryPath:  # the `DataPath` serving the splits from decoded uint8 tens
         dm, mirrored = self.dm, None
         flip = dm.hflip is True  # "alternate" flips in TensorImages, by epoch
         self.augment = BatchAugment(
-            *dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode, dm.early_resize
+            *dm.normalization(), dm.crop_padding, flip, dm.rotation, dm.crop_padding_mode, early_resize=dm.early_resize
         )
         if dm.hflip == "alternate":  # the same images each run of this seed, resumed or not
             mirrored = torch.rand(len(source[0]), generator=torch.Generator().manual_seed(dm.seed)) < 0.5
