@@ -254,8 +254,8 @@ def main() -> None:
         print(f"{name:32}" + "".join(f"{statistics.median(p):15.0f}" for p in paths) + "".join(
             f"{ratio(paths[-1], p):7.2f}" for p in paths[:-1]))  # fmt: skip
     print(
-        f"images/second, median of {args.rounds} rounds of {args.steps} timed steps (ratios: median of the rounds' "
-        f"own), torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"images/second, median of {args.rounds} rounds of {args.steps} timed steps; ratios: median of the rounds' "
+        f"own, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(f"worst c/l = {min(ratio(paths[4], paths[3]) for _, paths in rows):.2f}")
     big = [ratio(paths[4], paths[2]) for name, paths in rows if int(name.rsplit(" ", 1)[1]) >= 256]

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_image_folder
 
 from benchmarks import results
 from benchmarks.results import Job, Measurement, Row, Table
@@ -353,3 +353,17 @@ def test_machine_line_names_cpu_cores_torch_and_commit():
     assert f"{os.cpu_count()} cores" in line
     assert "torch " in line and "commit " in line
     assert ": " not in line  # the measurement line's own separator
+
+
+def test_cifar_rows_decode_their_images_untimed_into_the_cache_the_timed_run_reads(tmp_path, caplog, compose_cfg):
+    from hydra.utils import instantiate
+
+    data = write_image_folder(tmp_path / "images", mode="RGB", size=(32, 32))
+    overrides = ["experiment=fast_cifar10", "dataset=image_folder", f"dataset.data_dir={data}", "seed=1"]
+    results.warm_cache(["python", "-m", "src.train", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert sorted(p.name.split("-")[1] for p in (data / ".cache").glob("*.pt")) == ["test", "train"]
+    datamodule = instantiate(compose_cfg(overrides).dataset)
+    with caplog.at_level("INFO", logger="src.data.in_memory"):
+        datamodule.prepare_data()
+        datamodule.setup()
+    assert len(datamodule.train_set) + len(datamodule.val_set) == 60 and "decoding" not in caplog.text
