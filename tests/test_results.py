@@ -355,6 +355,7 @@ def test_machine_line_names_cpu_cores_torch_and_commit():
     assert ": " not in line  # the measurement line's own separator
 
 
+@pytest.mark.slow  # warm_cache decodes in a subprocess, as `make results` runs it
 def test_cifar_rows_decode_their_images_untimed_into_the_cache_the_timed_run_reads(tmp_path, caplog, compose_cfg):
     from hydra.utils import instantiate
 
