@@ -444,7 +444,7 @@ def test_recipes_run_end_to_end_on_tiny_data(compose_cfg, tmp_path, recipe):
     data = tmp_path / "data"
     if recipe == "fast_cifar10":
         write_cifar_batches(data, per_batch=40)
-        # with the first epoch on 24x24 crops: the net pools globally, the second epoch sees whole images
+        # with the first epoch on 24x24 images: the net pools globally, the second epoch sees whole images
         dataset, shrink = "cifar10", ["model.widths=[8,16,16]", "dataset.early_crop=24", "dataset.early_crop_epochs=1"]
     else:
         dataset = "mnist" if recipe == "fast_mnist" else "fashion_mnist"
