@@ -441,12 +441,13 @@ def test_a_run_record_stopped_by_a_signal_writes_the_status_and_the_command_that
     status = strict_json_load(run_dir / "job_status.json")
     name = signal.Signals(signum).name
     assert status["status"] == "INTERRUPTED" and status["signal"] == name and status["epochs_completed"] == 2
+    assert status["epoch"] == 2  # no trainer progress past the checkpoint: the epoch after it, not 0
     resume = status["resume_command"]
     assert resume.startswith("python -m src.train model=mlp trainer.max_epochs=3 ")
     assert resume.endswith(f"ckpt_path={last}")  # not under paths.runs_root: resume=true would not find it
     assert (
         str(info.value)
-        == f"interrupted ({name}) in epoch 0; {last} holds the run after 2 epochs; continue with: {resume}"
+        == f"interrupted ({name}) in epoch 2; {last} holds the run after 2 epochs; continue with: {resume}"
     )
     assert signal.getsignal(signal.SIGTERM) == previous  # RunRecord puts back the handler it found
 

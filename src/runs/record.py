@@ -194,6 +194,7 @@ class RunRecord:
         if last.is_file():
             saved = checkpoints.read_checkpoint(last, mmap=True)  # at an epoch's end (or CheckpointAtStart's, step 0)
             completed = saved["epoch"] + 1 if saved.get("global_step") else 0
+            epoch = max(epoch, completed)  # a signal between an epoch's checkpoint and the next epoch's start
             command = resume_command(self.cfg)
         status = {"status": "INTERRUPTED", "signal": signal_name, "epoch": epoch, "epochs_completed": completed}
         status |= {"checkpoint": str(last) if completed is not None else None, "resume_command": command}
