@@ -229,6 +229,7 @@ ABLATIONS = [
 CIFAR_WHOLE = ["dataset.early_crop_epochs=0"]  # whole images every epoch
 CIFAR_24 = ["dataset.early_crop=24"]  # the first 4 epochs scaled to 24x24 (0.56x the pixels), not 28x28 (0.77x)
 CIFAR_WINDOWS = ["dataset.early_resize=false"]  # random 28x28 windows of the images, not the images scaled
+CIFAR_FP32 = ["trainer.precision=32-true"]  # fp32 throughout, not bf16 autocast: what the precision buys
 # fast_cifar10 as it was before Muon (commit 915ad6e): SGD for every parameter, batch 1,024, 10 epochs, warm-up;
 # whole images, pinned, so later recipe changes do not move it.
 CIFAR_SGD = [
@@ -287,6 +288,7 @@ JOBS = {
         train_job("fast_cifar10_whole", ["experiment=fast_cifar10", *CIFAR_WHOLE, "seed=0"], CIFAR, ("cifar",)),
         train_job("fast_cifar10_24", ["experiment=fast_cifar10", *CIFAR_24, "seed=0"], CIFAR, ("cifar",)),
         train_job("fast_cifar10_windows", ["experiment=fast_cifar10", *CIFAR_WINDOWS, "seed=0"], CIFAR, ("cifar",)),
+        train_job("fast_cifar10_fp32", ["experiment=fast_cifar10", *CIFAR_FP32, "seed=0"], CIFAR, ("cifar",)),
         train_job("fast_cifar10_sgd", ["experiment=fast_cifar10", *CIFAR_SGD, "seed=0"], CIFAR, ("cifar",)),
         train_job("fast_cifar10_gpu", ["experiment=fast_cifar10_gpu"], CIFAR, ("cifar", "gpu")),
         *(
@@ -477,6 +479,12 @@ TABLES = [
                 "windows",
                 "the first 4 epochs on random 28x28 windows, not scaled: `" + " ".join(CIFAR_WINDOWS) + "`",
                 "fast_cifar10_windows",
+                accuracy_and_time,
+            ),
+            Row(
+                "fp32",
+                "fp32 throughout, not bf16 autocast: `" + " ".join(CIFAR_FP32) + "`",
+                "fast_cifar10_fp32",
                 accuracy_and_time,
             ),
             Row("sgd", "SGD for all: `" + " ".join(CIFAR_SGD) + "`", "fast_cifar10_sgd", accuracy_and_time),
