@@ -242,6 +242,11 @@ CIFAR_SGD = [
 ]
 
 
+def code(overrides: list[str]) -> str:
+    """Overrides as a row label quotes them (Markdown code)."""
+    return "`" + " ".join(overrides) + "`"
+
+
 def ablation_overrides(change: dict[str, str]) -> list[str]:
     return [f"{key}={value}" for key, value in {**ABLATION_BASE, **change}.items()]
 
@@ -463,31 +468,26 @@ TABLES = [
                 "fast_cifar10-seed0",
                 accuracy_and_time,
             ),
-            Row(
-                "whole",
-                "whole images every epoch: `" + " ".join(CIFAR_WHOLE) + "`",
-                "fast_cifar10_whole",
-                accuracy_and_time,
-            ),
+            Row("whole", f"whole images every epoch: {code(CIFAR_WHOLE)}", "fast_cifar10_whole", accuracy_and_time),
             Row(
                 "early-24",
-                "the first 4 epochs scaled to 24x24: `" + " ".join(CIFAR_24) + "`",
+                f"the first 4 epochs scaled to 24x24: {code(CIFAR_24)}",
                 "fast_cifar10_24",
                 accuracy_and_time,
             ),
             Row(
                 "windows",
-                "the first 4 epochs on random 28x28 windows, not scaled: `" + " ".join(CIFAR_WINDOWS) + "`",
+                f"the first 4 epochs on random 28x28 windows, not scaled: {code(CIFAR_WINDOWS)}",
                 "fast_cifar10_windows",
                 accuracy_and_time,
             ),
             Row(
                 "fp32",
-                "fp32 throughout, not bf16 autocast: `" + " ".join(CIFAR_FP32) + "`",
+                f"fp32 throughout, not bf16 autocast: {code(CIFAR_FP32)}",
                 "fast_cifar10_fp32",
                 accuracy_and_time,
             ),
-            Row("sgd", "SGD for all: `" + " ".join(CIFAR_SGD) + "`", "fast_cifar10_sgd", accuracy_and_time),
+            Row("sgd", f"SGD for all: {code(CIFAR_SGD)}", "fast_cifar10_sgd", accuracy_and_time),
         ],
         together=True,
     ),
